@@ -1,0 +1,1 @@
+"""The HTTP layer: blueprints for /v1 and the operational endpoints."""

@@ -1,0 +1,92 @@
+"""The PostgreSQL engine, transactions, and the migration runner."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from app import settings as settings_mod
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+_engine: Engine | None = None
+_engine_url: str | None = None
+_lock = threading.Lock()
+
+
+def engine() -> Engine:
+    """The process's engine for the configured DATABASE_URL (created on first use)."""
+    global _engine, _engine_url
+    url = settings_mod.current().require_database_url()
+    if _engine is None or _engine_url != url:
+        with _lock:
+            if _engine is None or _engine_url != url:
+                if _engine is not None:
+                    _engine.dispose()
+                _engine = sa.create_engine(
+                    url,
+                    pool_pre_ping=True,
+                    pool_size=10,
+                    max_overflow=20,
+                    pool_recycle=1800,
+                    connect_args={"connect_timeout": 5, "application_name": "outlast"},
+                )
+                _engine_url = url
+    return _engine
+
+
+def dispose_after_fork() -> None:
+    """Drop pooled connections inherited from a parent process without closing them
+    (they belong to the parent); the child opens its own."""
+    if _engine is not None:
+        _engine.dispose(close=False)
+
+
+def dispose() -> None:
+    global _engine, _engine_url
+    if _engine is not None:
+        _engine.dispose()
+    _engine = None
+    _engine_url = None
+
+
+@contextmanager
+def transaction() -> Iterator[Connection]:
+    """One database transaction: committed on success, rolled back on any exception."""
+    with engine().begin() as conn:
+        yield conn
+
+
+def alembic_config(database_url: str):
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["database_url"] = database_url
+    return cfg
+
+
+def upgrade(database_url: str | None = None, revision: str = "head") -> None:
+    """Run the Alembic migrations up to ``revision``; safe to run twice or concurrently."""
+    from alembic import command
+
+    url = database_url or settings_mod.current().require_database_url()
+    command.upgrade(alembic_config(url), revision)
+
+
+def current_revision(database_url: str | None = None) -> str | None:
+    url = database_url or settings_mod.current().require_database_url()
+    eng = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with eng.connect() as conn:
+            exists = conn.execute(sa.text("SELECT to_regclass('alembic_version')")).scalar()
+            if not exists:
+                return None
+            return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+    finally:
+        eng.dispose()

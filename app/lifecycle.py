@@ -1,0 +1,458 @@
+"""The one place that writes a task's status (DESIGN.md, mechanism 1).
+
+Every function here is a single conditional ``UPDATE tasks … WHERE id = :id AND status
+IN (:allowed) [AND fence] RETURNING …`` plus the event it emits, on the caller's
+connection, so the change and its event commit together. Terminal states are in no
+``allowed`` set: once a task is completed, failed or cancelled nothing here matches it
+again, whatever races happen. A function returns the task row after the change, or
+``None`` when the guard did not match (the caller decides whether that is an error).
+
+Each change also sends ``NOTIFY outlast_task, '<task id>'``; PostgreSQL delivers it only
+when the transaction commits, which is what the long poll and the SSE stream wait on.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, RowMapping
+
+from app import ids
+from app.representation import TASK_COLUMNS, task_json
+
+NOTIFY_CHANNEL = "outlast_task"
+
+
+class Status(enum.StrEnum):
+    """Mirrors the SQL enum ``task_status`` (see migrations/versions/0001_initial.py)."""
+
+    PENDING = "pending"
+    WORKING = "working"
+    INPUT_REQUIRED = "input_required"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
+ACTIVE = frozenset({Status.PENDING, Status.WORKING, Status.INPUT_REQUIRED})
+RUNNABLE = frozenset({Status.PENDING, Status.WORKING})
+
+# Events that are also POSTed to the task's webhook_url.
+WEBHOOK_EVENT_TYPES = frozenset(
+    {"task.input_required", "task.completed", "task.failed", "task.cancelled"}
+)
+
+
+class ErrorType(enum.StrEnum):
+    AGENT_ERROR = "agent_error"
+    TIMEOUT = "timeout"
+    WORKER_LOST = "worker_lost"
+    INVALID_OUTPUT = "invalid_output"
+
+
+def _j(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
+def _statuses(statuses: frozenset[Status] | set[Status]) -> list[str]:
+    return sorted(s.value for s in statuses)
+
+
+def append_event(conn: Connection, task: Mapping[str, Any], event_type: str) -> dict[str, Any]:
+    """Write the event whose seq the task row already carries (``last_seq``).
+
+    Creates a webhook delivery in the same transaction when the event is one that
+    webhooks carry and the task has a ``webhook_url``.
+    """
+    event_id = ids.new_id("evt")
+    data = {"task": task_json(task)}
+    row = (
+        conn.execute(
+            sa.text(
+                "INSERT INTO events (task_id, seq, id, type, data, created_at) "
+                "VALUES (:task_id, :seq, :id, :type, CAST(:data AS jsonb), :at) "
+                "RETURNING task_id, seq, id, type, data, created_at"
+            ),
+            {
+                "task_id": task["id"],
+                "seq": task["last_seq"],
+                "id": event_id,
+                "type": event_type,
+                "data": json.dumps(data),
+                "at": task["updated_at"],
+            },
+        )
+        .mappings()
+        .one()
+    )
+    if event_type in WEBHOOK_EVENT_TYPES and task.get("webhook_url"):
+        conn.execute(
+            sa.text(
+                "INSERT INTO webhook_deliveries (id, tenant_id, task_id, event_id, event_seq, "
+                "event_type, url, next_attempt_at) "
+                "VALUES (:id, :tenant_id, :task_id, :event_id, :seq, :type, :url, now())"
+            ),
+            {
+                "id": ids.new_id("dlv"),
+                "tenant_id": task["tenant_id"],
+                "task_id": task["id"],
+                "event_id": event_id,
+                "seq": task["last_seq"],
+                "type": event_type,
+                "url": task["webhook_url"],
+            },
+        )
+    conn.execute(sa.text("SELECT pg_notify(:ch, :id)"), {"ch": NOTIFY_CHANNEL, "id": task["id"]})
+    return dict(row)
+
+
+def _update(
+    conn: Connection,
+    task_id: str,
+    set_sql: str,
+    *,
+    allowed: frozenset[Status] | set[Status],
+    where_sql: str = "",
+    params: Mapping[str, Any] | None = None,
+    events: int = 1,
+) -> RowMapping | None:
+    """``UPDATE tasks SET <set_sql>, updated_at, last_seq WHERE id AND status IN allowed``."""
+    sql = (
+        f"UPDATE tasks SET {set_sql}, updated_at = now(), last_seq = last_seq + {events} "
+        "WHERE id = :task_id AND status = ANY(CAST(:allowed AS task_status[])) "
+        f"{where_sql} RETURNING {TASK_COLUMNS}"
+    )
+    bound = {"task_id": task_id, "allowed": _statuses(allowed), **(params or {})}
+    return conn.execute(sa.text(sql), bound).mappings().one_or_none()
+
+
+# --- creation --------------------------------------------------------------------------
+
+
+def create(
+    conn: Connection,
+    *,
+    tenant_id: str,
+    agent: str,
+    input: Mapping[str, Any],
+    metadata: Mapping[str, Any],
+    webhook_url: str | None,
+    timeout_seconds: int | None,
+    idempotency_key: str | None,
+    task_id: str | None = None,
+) -> RowMapping:
+    """Insert a ``pending`` task and its ``task.created`` event (seq 1)."""
+    row = (
+        conn.execute(
+            sa.text(
+                "INSERT INTO tasks (id, tenant_id, agent, status, input, metadata, webhook_url, "
+                "timeout_seconds, deadline_at, idempotency_key, last_seq, dispatched_at) "
+                "VALUES (:id, :tenant_id, :agent, 'pending', CAST(:input AS jsonb), "
+                "CAST(:metadata AS jsonb), :webhook_url, :timeout, "
+                "CASE WHEN CAST(:timeout AS integer) IS NULL THEN NULL "
+                "ELSE now() + make_interval(secs => CAST(:timeout AS integer)) END, "
+                f":idem, 1, now()) RETURNING {TASK_COLUMNS}"
+            ),
+            {
+                "id": task_id or ids.new_id("tsk"),
+                "tenant_id": tenant_id,
+                "agent": agent,
+                "input": json.dumps(input),
+                "metadata": json.dumps(metadata),
+                "webhook_url": webhook_url,
+                "timeout": timeout_seconds,
+                "idem": idempotency_key,
+            },
+        )
+        .mappings()
+        .one()
+    )
+    append_event(conn, row, "task.created")
+    return row
+
+
+# --- the worker's side: leases and checkpoints --------------------------------------------
+
+
+def acquire_lease(
+    conn: Connection, task_id: str, step: int, token: str, lease_seconds: float
+) -> RowMapping | None:
+    """Take the lease on step ``step``; ``pending`` becomes ``working`` (``task.started``).
+
+    Matches only when the task is runnable, at exactly this step, not sleeping, and no
+    lease is held: a duplicate or stale message gets ``None`` and must drop its work.
+    An expired lease is not taken over here; the reaper clears it (attempt + 1) first.
+    """
+    row = conn.execute(
+        sa.text(
+            "UPDATE tasks SET status = 'working', lease_token = :token, "
+            "lease_expires_at = now() + make_interval(secs => :lease), "
+            "started_at = COALESCE(started_at, now()), updated_at = now(), "
+            "last_seq = last_seq + CASE WHEN status = 'pending' THEN 1 ELSE 0 END "
+            "WHERE id = :task_id AND step = :step AND status IN ('pending', 'working') "
+            "AND lease_token IS NULL AND wake_at IS NULL "
+            f"RETURNING {TASK_COLUMNS}, (started_at = now() AND step = 0) AS just_started"
+        ),
+        {"task_id": task_id, "step": step, "token": token, "lease": lease_seconds},
+    ).mappings().one_or_none()
+    if row is not None and row["just_started"]:
+        append_event(conn, row, "task.started")
+    return row
+
+
+def renew_lease(conn: Connection, task_id: str, token: str, lease_seconds: float) -> bool:
+    """Extend a held lease; ``False`` means it is lost (cancelled, reaped, or finished)."""
+    result = conn.execute(
+        sa.text(
+            "UPDATE tasks SET lease_expires_at = now() + make_interval(secs => :lease) "
+            "WHERE id = :task_id AND lease_token = :token AND status = 'working'"
+        ),
+        {"task_id": task_id, "token": token, "lease": lease_seconds},
+    )
+    return result.rowcount == 1
+
+
+def report_progress(
+    conn: Connection, task_id: str, token: str, progress: Mapping[str, Any]
+) -> RowMapping | None:
+    """Store progress and append ``task.progress``; fenced on the lease."""
+    row = _update(
+        conn,
+        task_id,
+        "progress = CAST(:progress AS jsonb)",
+        allowed={Status.WORKING},
+        where_sql="AND lease_token = :token",
+        params={"progress": json.dumps(progress), "token": token},
+    )
+    if row is not None:
+        append_event(conn, row, "task.progress")
+    return row
+
+
+def commit_step(
+    conn: Connection,
+    task_id: str,
+    step: int,
+    token: str,
+    *,
+    state: Any,
+    started_at: datetime,
+    attempt: int,
+    wake_at: datetime | None = None,
+    dispatch: bool = True,
+) -> RowMapping | None:
+    """Checkpoint step ``step``: the checkpoint row, ``step + 1``, the lease released,
+    ``task.step.completed``. Fenced on (task, step, lease token): ``None`` means another
+    execution or a cancel got there first and this step's work must be discarded.
+
+    ``wake_at`` leaves the next step to the timer sweep; ``dispatch`` marks the next
+    step as queued now (the caller adds the outbox row).
+    """
+    row = _update(
+        conn,
+        task_id,
+        "step = step + 1, lease_token = NULL, lease_expires_at = NULL, step_retries = 0, "
+        "wake_at = :wake_at, dispatched_at = CASE WHEN :dispatch THEN now() ELSE NULL END",
+        allowed={Status.WORKING},
+        where_sql="AND step = :step AND lease_token = :token",
+        params={"step": step, "token": token, "wake_at": wake_at, "dispatch": dispatch},
+    )
+    if row is None:
+        return None
+    conn.execute(
+        sa.text(
+            "INSERT INTO checkpoints (task_id, step_index, state, attempt, started_at) "
+            "VALUES (:task_id, :step, CAST(:state AS jsonb), :attempt, :started_at)"
+        ),
+        {
+            "task_id": task_id,
+            "step": step,
+            "state": json.dumps(state),
+            "attempt": attempt,
+            "started_at": started_at,
+        },
+    )
+    append_event(conn, row, "task.step.completed")
+    return row
+
+
+def complete(conn: Connection, task_id: str, result: Any) -> RowMapping | None:
+    """``working`` → ``completed`` with ``result`` (after the last checkpoint)."""
+    row = _update(
+        conn,
+        task_id,
+        "status = 'completed', result = CAST(:result AS jsonb), finished_at = now(), "
+        "lease_token = NULL, lease_expires_at = NULL, wake_at = NULL",
+        allowed={Status.WORKING},
+        params={"result": json.dumps(result)},
+    )
+    if row is not None:
+        append_event(conn, row, "task.completed")
+    return row
+
+
+def fail(
+    conn: Connection,
+    task_id: str,
+    error_type: str,
+    message: str,
+    *,
+    token: str | None = None,
+    allowed: frozenset[Status] = ACTIVE,
+) -> RowMapping | None:
+    """Any active state → ``failed``; fenced on the lease when ``token`` is given."""
+    row = _update(
+        conn,
+        task_id,
+        "status = 'failed', error = CAST(:error AS jsonb), finished_at = now(), "
+        "lease_token = NULL, lease_expires_at = NULL, wake_at = NULL, input_request = NULL",
+        allowed=allowed,
+        where_sql="AND lease_token = :token" if token else "",
+        params={"error": json.dumps({"type": error_type, "message": message}), "token": token},
+    )
+    if row is not None:
+        append_event(conn, row, "task.failed")
+    return row
+
+
+def request_input(conn: Connection, task_id: str, input_request: Mapping[str, Any]) -> RowMapping | None:
+    """``working`` → ``input_required`` (after the step's checkpoint); holds no worker."""
+    row = _update(
+        conn,
+        task_id,
+        "status = 'input_required', input_request = CAST(:req AS jsonb), "
+        "lease_token = NULL, lease_expires_at = NULL, wake_at = NULL, dispatched_at = NULL",
+        allowed={Status.WORKING},
+        params={"req": json.dumps(input_request)},
+    )
+    if row is not None:
+        append_event(conn, row, "task.input_required")
+    return row
+
+
+def resume_with_input(conn: Connection, task_id: str, tenant_id: str) -> RowMapping | None:
+    """``input_required`` → ``working`` (``task.resumed``); the caller enqueues the step."""
+    row = _update(
+        conn,
+        task_id,
+        "status = 'working', input_request = NULL, dispatched_at = now()",
+        allowed={Status.INPUT_REQUIRED},
+        where_sql="AND tenant_id = :tenant_id",
+        params={"tenant_id": tenant_id},
+    )
+    if row is not None:
+        append_event(conn, row, "task.resumed")
+    return row
+
+
+def cancel(conn: Connection, task_id: str, tenant_id: str) -> RowMapping | None:
+    """Any active state → ``cancelled`` at once; the lease is dropped so that the
+    running step's checkpoint fails its fence and its late output is discarded."""
+    row = _update(
+        conn,
+        task_id,
+        "status = 'cancelled', finished_at = now(), lease_token = NULL, "
+        "lease_expires_at = NULL, wake_at = NULL, input_request = NULL",
+        allowed=ACTIVE,
+        where_sql="AND tenant_id = :tenant_id",
+        params={"tenant_id": tenant_id},
+    )
+    if row is not None:
+        append_event(conn, row, "task.cancelled")
+    return row
+
+
+def retry_step_later(
+    conn: Connection, task_id: str, step: int, token: str, delay_seconds: float, reason: str
+) -> RowMapping | None:
+    """A step raised a transient error: release the lease, count the retry, and leave
+    the re-run to the timer sweep at ``now + delay`` (``task.retrying``)."""
+    row = _update(
+        conn,
+        task_id,
+        "lease_token = NULL, lease_expires_at = NULL, step_retries = step_retries + 1, "
+        "wake_at = now() + make_interval(secs => :delay), dispatched_at = NULL",
+        allowed={Status.WORKING},
+        where_sql="AND step = :step AND lease_token = :token",
+        params={"step": step, "token": token, "delay": delay_seconds},
+    )
+    if row is not None:
+        append_event(conn, row, "task.retrying")
+    return row
+
+
+def wake(conn: Connection, task_id: str) -> RowMapping | None:
+    """A due timer: clear ``wake_at`` and mark the step queued (no event; the caller
+    adds the outbox row). Guarded so a second beat waking the same task is a no-op."""
+    return conn.execute(
+        sa.text(
+            "UPDATE tasks SET wake_at = NULL, dispatched_at = now(), updated_at = now() "
+            "WHERE id = :task_id AND status IN ('pending', 'working') "
+            f"AND wake_at IS NOT NULL AND wake_at <= now() RETURNING {TASK_COLUMNS}"
+        ),
+        {"task_id": task_id},
+    ).mappings().one_or_none()
+
+
+def reclaim_expired_lease(
+    conn: Connection, task_id: str, max_attempts: int
+) -> tuple[str, RowMapping] | None:
+    """The reaper's step for one task whose lease expired: its worker is presumed lost.
+
+    Below ``max_attempts`` the task gets ``attempt + 1`` and ``task.retrying`` (the
+    caller enqueues the step again); at the limit it fails with ``worker_lost``.
+    Returns ``("retried" | "failed", row)``, or ``None`` when the lease was renewed or
+    released in the meantime.
+    """
+    lease_expired = "AND lease_token IS NOT NULL AND lease_expires_at < now()"
+    row = _update(
+        conn,
+        task_id,
+        "attempt = attempt + 1, lease_token = NULL, lease_expires_at = NULL, "
+        "dispatched_at = now()",
+        allowed={Status.WORKING},
+        where_sql=f"{lease_expired} AND attempt < :max_attempts",
+        params={"max_attempts": max_attempts},
+    )
+    if row is not None:
+        append_event(conn, row, "task.retrying")
+        return "retried", row
+    row = _update(
+        conn,
+        task_id,
+        "status = 'failed', error = CAST(:error AS jsonb), finished_at = now(), "
+        "lease_token = NULL, lease_expires_at = NULL, wake_at = NULL",
+        allowed={Status.WORKING},
+        where_sql=lease_expired,
+        params={
+            "error": json.dumps(
+                {
+                    "type": ErrorType.WORKER_LOST.value,
+                    "message": f"the worker running this task was lost during attempt "
+                    f"{max_attempts} of {max_attempts}",
+                }
+            )
+        },
+    )
+    if row is not None:
+        append_event(conn, row, "task.failed")
+        return "failed", row
+    return None
+
+
+def get(conn: Connection, task_id: str, tenant_id: str | None = None) -> RowMapping | None:
+    """The task row (scoped to ``tenant_id`` when given), or ``None``."""
+    sql = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = :task_id"
+    if tenant_id is not None:
+        sql += " AND tenant_id = :tenant_id"
+    return (
+        conn.execute(sa.text(sql), {"task_id": task_id, "tenant_id": tenant_id})
+        .mappings()
+        .one_or_none()
+    )

@@ -1,0 +1,138 @@
+"""Child processes in their own process groups, stopped as a whole.
+
+Used by ``outlast up`` (web, worker and beat in the foreground) and by the test suite's
+process harness (the Procfile's lines as real subprocesses, killed on purpose).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO
+
+
+class ManagedProcess:
+    """One command running in a new session (so its whole process tree is one group)."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str] | str,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | Path | None = None,
+        log_path: str | Path | None = None,
+    ):
+        self.name = name
+        self.argv = argv
+        self.env = dict(env) if env is not None else None
+        self.cwd = cwd
+        self.log_path = Path(log_path) if log_path else None
+        self.process: subprocess.Popen | None = None
+        self._log: IO[bytes] | None = None
+
+    def start(self) -> ManagedProcess:
+        out = None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.log_path, "ab")
+            out = self._log
+        self.process = subprocess.Popen(
+            self.argv,
+            shell=isinstance(self.argv, str),
+            env=self.env,
+            cwd=self.cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT if out is not None else None,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal_group(self, sig: int) -> None:
+        """Send ``sig`` to every process of the group (ignored if it is gone)."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """SIGKILL the whole group at once (a crash, not a shutdown) and reap it."""
+        self.signal_group(signal.SIGKILL)
+        if self.process is not None:
+            self.process.wait()
+        self._wait_group_gone(5.0)
+
+    def stop(self, timeout: float = 20.0, sig: int = signal.SIGTERM) -> int | None:
+        """Ask the group to stop with ``sig``; SIGKILL whatever is left after ``timeout``."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.signal_group(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal_group(signal.SIGKILL)
+                self.process.wait()
+        # Children of the leader (pool processes) may outlive it for a moment.
+        if not self._wait_group_gone(timeout):
+            self.signal_group(signal.SIGKILL)
+            self._wait_group_gone(5.0)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.process.returncode
+
+    def _wait_group_gone(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not group_members(self.process.pid):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def log_text(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes whose process group is ``pgid``."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # Fields after the parenthesised command: state, ppid, pgrp, ...
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def stop_all(processes: Sequence[ManagedProcess], timeout: float = 25.0) -> None:
+    """Signal every process first, then wait for each: they shut down in parallel."""
+    for proc in processes:
+        if proc.alive():
+            proc.signal_group(signal.SIGTERM)
+    for proc in processes:
+        proc.stop(timeout=timeout)

@@ -1,0 +1,59 @@
+"""The public JSON shapes of API.md, built from database rows in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+# Columns of ``tasks`` that every query returning a task selects.
+TASK_COLUMNS = (
+    "id, tenant_id, agent, status::text AS status, input, metadata, step, progress, result, "
+    "error, input_request, attempt, webhook_url, created_at, updated_at, started_at, "
+    "finished_at, last_seq, lease_token, deadline_at, timeout_seconds, wake_at"
+)
+
+
+def rfc3339(value: datetime | None) -> str | None:
+    """``2026-11-28T08:17:12.123Z``: UTC, milliseconds, a ``Z``."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    value = value.astimezone(UTC)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def task_json(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The task object of API.md from a row selected with :data:`TASK_COLUMNS`."""
+    return {
+        "id": row["id"],
+        "object": "task",
+        "agent": row["agent"],
+        "status": row["status"],
+        "input": row["input"],
+        "metadata": row["metadata"],
+        "step": row["step"],
+        "progress": row["progress"],
+        "result": row["result"],
+        "error": row["error"],
+        "input_request": row["input_request"],
+        "attempt": row["attempt"],
+        "webhook_url": row["webhook_url"],
+        "created_at": rfc3339(row["created_at"]),
+        "updated_at": rfc3339(row["updated_at"]),
+        "started_at": rfc3339(row["started_at"]),
+        "finished_at": rfc3339(row["finished_at"]),
+    }
+
+
+def event_json(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The event object of API.md from an ``events`` row."""
+    return {
+        "id": row["id"],
+        "type": row["type"],
+        "task_id": row["task_id"],
+        "seq": row["seq"],
+        "timestamp": rfc3339(row["created_at"]),
+        "data": row["data"],
+    }

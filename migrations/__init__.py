@@ -1,0 +1,1 @@
+"""Alembic migrations: the PostgreSQL schema, one revision a change."""

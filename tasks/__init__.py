@@ -1,0 +1,1 @@
+"""The Celery tasks: agent steps, webhook deliveries, and the beat's sweeps."""

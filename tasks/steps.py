@@ -1,0 +1,1 @@
+"""The step runner task (``outlast.run_step``)."""

@@ -1,0 +1,1 @@
+"""The beat's sweeps, each a Celery task on the ``maintenance`` queue."""

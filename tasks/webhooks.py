@@ -1,0 +1,1 @@
+"""The webhook delivery task (``outlast.deliver_webhook``)."""

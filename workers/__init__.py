@@ -1,0 +1,1 @@
+"""The Celery side: the Celery app, its configuration, the beat schedule, worker signals."""

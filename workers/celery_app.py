@@ -1,0 +1,109 @@
+"""The Celery app, configured from :mod:`app.settings` (Flask's Celery pattern).
+
+``celery_init_app(flask_app)`` is called by ``app.create_app``; tasks are declared with
+``@shared_task`` in the ``tasks`` package and receive ids, never ORM objects.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from celery import Celery, Task
+from celery import current_app as _current_celery
+from flask import Flask
+
+from app.settings import Settings
+
+# Celery task names and their queues: agent steps, webhook sends and maintenance sweeps
+# each get their own queue so a slow receiver or a long sweep never starves agents.
+QUEUES = ("steps", "webhooks", "maintenance")
+TASK_MODULES = ("tasks.steps", "tasks.webhooks", "tasks.sweeps")
+
+# Redis redelivers an unacknowledged message after this long (kombu's restore). It must
+# exceed the longest step (the hard time limit); the Postgres lease and the reaper are
+# the fast recovery path, this is the slow safety net.
+STEP_SOFT_TIME_LIMIT = 3900
+STEP_TIME_LIMIT = 4000
+VISIBILITY_TIMEOUT = 2 * 3600
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The whole Celery configuration for ``settings``."""
+    from workers.beat import beat_schedule
+
+    redis_url = settings.require_redis_url()
+    transport = {
+        "visibility_timeout": VISIBILITY_TIMEOUT,
+        "socket_connect_timeout": 3,
+        "socket_timeout": 30,
+        "retry_on_timeout": True,
+    }
+    config: dict[str, Any] = {
+        "broker_url": redis_url,
+        "result_backend": redis_url,
+        "task_ignore_result": True,
+        "result_expires": 3600,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "timezone": "UTC",
+        "enable_utc": True,
+        "include": list(TASK_MODULES),
+        "task_default_queue": "steps",
+        "task_routes": {
+            "outlast.run_step": {"queue": "steps"},
+            "outlast.deliver_webhook": {"queue": "webhooks"},
+            "outlast.sweep.*": {"queue": "maintenance"},
+        },
+        # A step's message is acknowledged only after it ran, and re-queued when the
+        # pool child running it dies; fencing in PostgreSQL makes the redelivery harmless.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        "visibility_timeout": VISIBILITY_TIMEOUT,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 3,
+        # Publishing must not hang a request when the broker is down: the outbox keeps
+        # the message and the relay sends it when the broker is back.
+        "task_publish_retry_policy": {
+            "max_retries": 1,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.2,
+        },
+        # Flower shows steps as they are sent and run.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        # Heroku sends SIGTERM, then SIGKILL 30 s later: finish or re-queue before that.
+        "worker_soft_shutdown_timeout": 20,
+        "beat_schedule": beat_schedule(settings),
+    }
+    if redis_url.startswith("rediss://"):
+        config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+        config["redis_backend_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return config
+
+
+def celery_init_app(flask_app: Flask, settings: Settings) -> Celery:
+    """Create the Celery app for ``flask_app`` and make it the default app."""
+
+    class FlaskTask(Task):
+        def __call__(self, *args: object, **kwargs: object) -> object:
+            with flask_app.app_context():
+                return self.run(*args, **kwargs)
+
+    celery_app = Celery(flask_app.name, task_cls=FlaskTask)
+    celery_app.config_from_object(celery_config(settings))
+    celery_app.set_default()
+    flask_app.extensions["celery"] = celery_app
+    return celery_app
+
+
+def celery() -> Celery:
+    """The process's Celery app (the one ``create_app`` made)."""
+    return _current_celery._get_current_object()
