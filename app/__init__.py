@@ -18,7 +18,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     flask_app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     celery_init_app(flask_app, settings)
 
-    from app.api import ops
+    from app import api
 
-    flask_app.register_blueprint(ops.blueprint)
+    api.init_app(flask_app)
     return flask_app
