@@ -57,9 +57,22 @@ def dispose() -> None:
 
 @contextmanager
 def transaction() -> Iterator[Connection]:
-    """One database transaction: committed on success, rolled back on any exception."""
+    """One database transaction: committed on success, rolled back on any exception.
+
+    Outbox messages added in it (``app.outbox.add``) are published right after the
+    commit; if that fails they stay in the outbox for the relay.
+    """
+    from app import outbox
+
+    pending: list = []
     with engine().begin() as conn:
-        yield conn
+        conn.info[outbox.PENDING_KEY] = pending
+        try:
+            yield conn
+        finally:
+            conn.info.pop(outbox.PENDING_KEY, None)
+    if pending:
+        outbox.publish(pending)
 
 
 def alembic_config(database_url: str):

@@ -22,7 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
-from app import ids
+from app import ids, outbox
 from app.representation import TASK_COLUMNS, task_json
 
 NOTIFY_CHANNEL = "outlast_task"
@@ -92,6 +92,7 @@ def append_event(conn: Connection, task: Mapping[str, Any], event_type: str) -> 
         .one()
     )
     if event_type in WEBHOOK_EVENT_TYPES and task.get("webhook_url"):
+        delivery_id = ids.new_id("dlv")
         conn.execute(
             sa.text(
                 "INSERT INTO webhook_deliveries (id, tenant_id, task_id, event_id, event_seq, "
@@ -99,7 +100,7 @@ def append_event(conn: Connection, task: Mapping[str, Any], event_type: str) -> 
                 "VALUES (:id, :tenant_id, :task_id, :event_id, :seq, :type, :url, now())"
             ),
             {
-                "id": ids.new_id("dlv"),
+                "id": delivery_id,
                 "tenant_id": task["tenant_id"],
                 "task_id": task["id"],
                 "event_id": event_id,
@@ -108,6 +109,8 @@ def append_event(conn: Connection, task: Mapping[str, Any], event_type: str) -> 
                 "url": task["webhook_url"],
             },
         )
+        # Sent right after the commit; the beat's webhook sweep covers a lost message.
+        outbox.add(conn, outbox.DELIVER_WEBHOOK, [delivery_id], queue=outbox.WEBHOOKS_QUEUE)
     conn.execute(sa.text("SELECT pg_notify(:ch, :id)"), {"ch": NOTIFY_CHANNEL, "id": task["id"]})
     return dict(row)
 
@@ -189,18 +192,22 @@ def acquire_lease(
     lease is held: a duplicate or stale message gets ``None`` and must drop its work.
     An expired lease is not taken over here; the reaper clears it (attempt + 1) first.
     """
-    row = conn.execute(
-        sa.text(
-            "UPDATE tasks SET status = 'working', lease_token = :token, "
-            "lease_expires_at = now() + make_interval(secs => :lease), "
-            "started_at = COALESCE(started_at, now()), updated_at = now(), "
-            "last_seq = last_seq + CASE WHEN status = 'pending' THEN 1 ELSE 0 END "
-            "WHERE id = :task_id AND step = :step AND status IN ('pending', 'working') "
-            "AND lease_token IS NULL AND wake_at IS NULL "
-            f"RETURNING {TASK_COLUMNS}, (started_at = now() AND step = 0) AS just_started"
-        ),
-        {"task_id": task_id, "step": step, "token": token, "lease": lease_seconds},
-    ).mappings().one_or_none()
+    row = (
+        conn.execute(
+            sa.text(
+                "UPDATE tasks SET status = 'working', lease_token = :token, "
+                "lease_expires_at = now() + make_interval(secs => :lease), "
+                "started_at = COALESCE(started_at, now()), updated_at = now(), "
+                "last_seq = last_seq + CASE WHEN status = 'pending' THEN 1 ELSE 0 END "
+                "WHERE id = :task_id AND step = :step AND status IN ('pending', 'working') "
+                "AND lease_token IS NULL AND wake_at IS NULL "
+                f"RETURNING {TASK_COLUMNS}, (started_at = now() AND step = 0) AS just_started"
+            ),
+            {"task_id": task_id, "step": step, "token": token, "lease": lease_seconds},
+        )
+        .mappings()
+        .one_or_none()
+    )
     if row is not None and row["just_started"]:
         append_event(conn, row, "task.started")
     return row
@@ -258,7 +265,7 @@ def commit_step(
         conn,
         task_id,
         "step = step + 1, lease_token = NULL, lease_expires_at = NULL, step_retries = 0, "
-        "wake_at = :wake_at, dispatched_at = CASE WHEN :dispatch THEN now() ELSE NULL END",
+        "human_input = NULL, wake_at = :wake_at, dispatched_at = CASE WHEN :dispatch THEN now() ELSE NULL END",
         allowed={Status.WORKING},
         where_sql="AND step = :step AND lease_token = :token",
         params={"step": step, "token": token, "wake_at": wake_at, "dispatch": dispatch},
@@ -321,7 +328,9 @@ def fail(
     return row
 
 
-def request_input(conn: Connection, task_id: str, input_request: Mapping[str, Any]) -> RowMapping | None:
+def request_input(
+    conn: Connection, task_id: str, input_request: Mapping[str, Any]
+) -> RowMapping | None:
     """``working`` → ``input_required`` (after the step's checkpoint); holds no worker."""
     row = _update(
         conn,
@@ -336,15 +345,19 @@ def request_input(conn: Connection, task_id: str, input_request: Mapping[str, An
     return row
 
 
-def resume_with_input(conn: Connection, task_id: str, tenant_id: str) -> RowMapping | None:
-    """``input_required`` → ``working`` (``task.resumed``); the caller enqueues the step."""
+def resume_with_input(
+    conn: Connection, task_id: str, tenant_id: str, human_input: Any
+) -> RowMapping | None:
+    """``input_required`` → ``working`` (``task.resumed``), keeping ``human_input`` for the
+    next step (``ctx.human_input``); the caller enqueues the step."""
     row = _update(
         conn,
         task_id,
-        "status = 'working', input_request = NULL, dispatched_at = now()",
+        "status = 'working', input_request = NULL, dispatched_at = now(), "
+        "human_input = CAST(:human_input AS jsonb)",
         allowed={Status.INPUT_REQUIRED},
         where_sql="AND tenant_id = :tenant_id",
-        params={"tenant_id": tenant_id},
+        params={"tenant_id": tenant_id, "human_input": json.dumps(human_input)},
     )
     if row is not None:
         append_event(conn, row, "task.resumed")
@@ -390,14 +403,18 @@ def retry_step_later(
 def wake(conn: Connection, task_id: str) -> RowMapping | None:
     """A due timer: clear ``wake_at`` and mark the step queued (no event; the caller
     adds the outbox row). Guarded so a second beat waking the same task is a no-op."""
-    return conn.execute(
-        sa.text(
-            "UPDATE tasks SET wake_at = NULL, dispatched_at = now(), updated_at = now() "
-            "WHERE id = :task_id AND status IN ('pending', 'working') "
-            f"AND wake_at IS NOT NULL AND wake_at <= now() RETURNING {TASK_COLUMNS}"
-        ),
-        {"task_id": task_id},
-    ).mappings().one_or_none()
+    return (
+        conn.execute(
+            sa.text(
+                "UPDATE tasks SET wake_at = NULL, dispatched_at = now(), updated_at = now() "
+                "WHERE id = :task_id AND status IN ('pending', 'working') "
+                f"AND wake_at IS NOT NULL AND wake_at <= now() RETURNING {TASK_COLUMNS}"
+            ),
+            {"task_id": task_id},
+        )
+        .mappings()
+        .one_or_none()
+    )
 
 
 def reclaim_expired_lease(
@@ -414,8 +431,7 @@ def reclaim_expired_lease(
     row = _update(
         conn,
         task_id,
-        "attempt = attempt + 1, lease_token = NULL, lease_expires_at = NULL, "
-        "dispatched_at = now()",
+        "attempt = attempt + 1, lease_token = NULL, lease_expires_at = NULL, dispatched_at = now()",
         allowed={Status.WORKING},
         where_sql=f"{lease_expired} AND attempt < :max_attempts",
         params={"max_attempts": max_attempts},

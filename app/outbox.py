@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -23,9 +23,21 @@ log = logging.getLogger(__name__)
 
 RUN_STEP = "outlast.run_step"
 STEPS_QUEUE = "steps"
+DELIVER_WEBHOOK = "outlast.deliver_webhook"
+WEBHOOKS_QUEUE = "webhooks"
 
 # The relay leaves rows younger than this to the fast path that wrote them.
 RELAY_GRACE_SECONDS = 2.0
+
+# Key in Connection.info under which app.db.transaction collects messages to publish.
+PENDING_KEY = "outlast_outbox_pending"
+
+
+class PendingMessage(NamedTuple):
+    outbox_id: int
+    task_name: str
+    queue: str
+    args: list[Any]
 
 
 def add(
@@ -36,14 +48,23 @@ def add(
     queue: str,
     task_id: str | None = None,
 ) -> int:
-    """Queue a Celery message to be published once this transaction commits."""
-    return conn.execute(
+    """Queue a Celery message to be published once this transaction commits.
+
+    Inside :func:`app.db.transaction` the message is published right after the commit;
+    elsewhere the relay publishes it within a few seconds.
+    """
+    args = list(args)
+    outbox_id = conn.execute(
         sa.text(
             "INSERT INTO outbox (task_name, queue, args, task_id) "
             "VALUES (:name, :queue, CAST(:args AS jsonb), :task_id) RETURNING id"
         ),
-        {"name": task_name, "queue": queue, "args": json.dumps(list(args)), "task_id": task_id},
+        {"name": task_name, "queue": queue, "args": json.dumps(args), "task_id": task_id},
     ).scalar_one()
+    pending = conn.info.get(PENDING_KEY)
+    if pending is not None:
+        pending.append(PendingMessage(outbox_id, task_name, queue, args))
+    return outbox_id
 
 
 def add_step(conn: Connection, task_id: str, step: int) -> int:
@@ -57,32 +78,26 @@ def _send(task_name: str, queue: str, args: list[Any]) -> None:
     celery().send_task(task_name, args=args, queue=queue)
 
 
-def publish(outbox_ids: Iterable[int]) -> int:
-    """Send these committed outbox rows now and delete them. Returns how many were sent.
+def publish(messages: Iterable[PendingMessage]) -> int:
+    """Send committed outbox messages now and delete their rows; returns how many went.
 
-    Failures are logged, never raised: the relay will send what is left.
+    Failures are logged, never raised: the relay sends what is left. A message the relay
+    also sends (it waits RELAY_GRACE_SECONDS first) is a harmless duplicate.
     """
-    ids = list(outbox_ids)
-    if not ids:
-        return 0
     sent: list[int] = []
-    try:
-        with db.transaction() as conn:
-            rows = conn.execute(
-                sa.text(
-                    "SELECT id, task_name, queue, args FROM outbox WHERE id = ANY(:ids) "
-                    "ORDER BY id FOR UPDATE SKIP LOCKED"
-                ),
-                {"ids": ids},
-            ).all()
-            for row in rows:
-                _send(row.task_name, row.queue, row.args)
-                sent.append(row.id)
-            if sent:
+    for message in messages:
+        try:
+            _send(message.task_name, message.queue, message.args)
+        except Exception as exc:  # broker down: the relay retries
+            log.warning("outbox publish deferred to the relay: %s", exc)
+            break
+        sent.append(message.outbox_id)
+    if sent:
+        try:
+            with db.engine().begin() as conn:
                 conn.execute(sa.text("DELETE FROM outbox WHERE id = ANY(:ids)"), {"ids": sent})
-    except Exception as exc:  # broker or database down: the relay retries
-        log.warning("outbox publish deferred to the relay: %s", exc)
-        return 0
+        except Exception as exc:  # the relay will send them again: duplicates are fenced
+            log.warning("outbox rows sent but not deleted: %s", exc)
     return len(sent)
 
 

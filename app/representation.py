@@ -10,7 +10,7 @@ from typing import Any
 TASK_COLUMNS = (
     "id, tenant_id, agent, status::text AS status, input, metadata, step, progress, result, "
     "error, input_request, attempt, webhook_url, created_at, updated_at, started_at, "
-    "finished_at, last_seq, lease_token, deadline_at, timeout_seconds, wake_at"
+    "finished_at, last_seq, lease_token, deadline_at, timeout_seconds, wake_at, human_input"
 )
 
 

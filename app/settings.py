@@ -25,9 +25,7 @@ def database_url_for_sqlalchemy(url: str) -> str:
         raise SettingsError(f"DATABASE_URL is not a URL: {url!r}")
     if scheme in ("postgres", "postgresql", "postgresql+psycopg2"):
         return f"postgresql+psycopg2://{rest}"
-    raise SettingsError(
-        f"DATABASE_URL must be a postgres:// or postgresql:// URL, not {scheme}://"
-    )
+    raise SettingsError(f"DATABASE_URL must be a postgres:// or postgresql:// URL, not {scheme}://")
 
 
 def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
@@ -128,9 +126,7 @@ class Settings:
             webhook_allow_private=_bool(env, "OUTLAST_WEBHOOK_ALLOW_PRIVATE", False),
             max_body_bytes=_int(env, "OUTLAST_MAX_BODY_BYTES", 1048576, 1, 1 << 31),
             task_retention_days=_int(env, "OUTLAST_TASK_RETENTION_DAYS", 30, 1, 100000),
-            agents=tuple(
-                m.strip() for m in env.get("OUTLAST_AGENTS", "").split(",") if m.strip()
-            ),
+            agents=tuple(m.strip() for m in env.get("OUTLAST_AGENTS", "").split(",") if m.strip()),
             llm_base_url=env.get("OUTLAST_LLM_BASE_URL", "").strip() or None,
             llm_api_key=env.get("OUTLAST_LLM_API_KEY", "").strip() or None,
             llm_model=env.get("OUTLAST_LLM_MODEL", "").strip() or None,

@@ -98,8 +98,6 @@ def find_by_name(conn: Connection, name: str) -> str | None:
 def tenant_for_api_key(conn: Connection, api_key: str) -> str | None:
     """The tenant id that ``api_key`` belongs to, or ``None`` (unknown or revoked)."""
     return conn.execute(
-        sa.text(
-            "SELECT tenant_id FROM api_keys WHERE key_hash = :hash AND revoked_at IS NULL"
-        ),
+        sa.text("SELECT tenant_id FROM api_keys WHERE key_hash = :hash AND revoked_at IS NULL"),
         {"hash": hash_api_key(api_key)},
     ).scalar()

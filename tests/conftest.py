@@ -20,7 +20,8 @@ import pytest
 import redis as redis_lib
 import sqlalchemy as sa
 
-from app import db, settings as settings_mod, tenants
+from app import db, tenants
+from app import settings as settings_mod
 from app.embedded import EmbeddedPostgres, EmbeddedRedis
 from app.settings import Settings, database_url_for_sqlalchemy
 from tests.harness import Stack

@@ -93,8 +93,16 @@ def test_release_twice_is_harmless(empty_database, stack):
         )
     eng.dispose()
     assert {
-        "tenants", "api_keys", "tasks", "checkpoints", "tool_calls", "events",
-        "idempotency_keys", "outbox", "webhook_deliveries", "webhook_secrets",
+        "tenants",
+        "api_keys",
+        "tasks",
+        "checkpoints",
+        "tool_calls",
+        "events",
+        "idempotency_keys",
+        "outbox",
+        "webhook_deliveries",
+        "webhook_secrets",
     } <= tables
 
 
@@ -190,7 +198,9 @@ def test_outlast_up_on_embedded_servers_serves_then_stops_everything(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     env["PORT"] = str(port)
     up = ManagedProcess(
-        "up", [OUTLAST, "up", "--var-dir", str(tmp_path / "var")], env=env,
+        "up",
+        [OUTLAST, "up", "--var-dir", str(tmp_path / "var")],
+        env=env,
         log_path=tmp_path / "up.log",
     ).start()
     try:

@@ -40,13 +40,20 @@ def web() -> None:
     _exec(
         [
             _bin("gunicorn"),
-            "--bind", f"{cfg.bind_host}:{cfg.port}",
-            "--worker-class", "gthread",
-            "--workers", str(cfg.web_concurrency),
-            "--threads", str(cfg.web_threads),
-            "--timeout", "60",
-            "--graceful-timeout", "20",
-            "--access-logfile", "-",
+            "--bind",
+            f"{cfg.bind_host}:{cfg.port}",
+            "--worker-class",
+            "gthread",
+            "--workers",
+            str(cfg.web_concurrency),
+            "--threads",
+            str(cfg.web_threads),
+            "--timeout",
+            "60",
+            "--graceful-timeout",
+            "20",
+            "--access-logfile",
+            "-",
             "--no-control-socket",
             "app.wsgi:app",
         ]
@@ -61,12 +68,19 @@ def worker(concurrency: int | None, queues: str) -> None:
     cfg = settings.current()
     _exec(
         [
-            _bin("celery"), "-A", CELERY_TARGET, "worker",
-            "--queues", queues,
-            "--concurrency", str(concurrency or cfg.worker_concurrency),
+            _bin("celery"),
+            "-A",
+            CELERY_TARGET,
+            "worker",
+            "--queues",
+            queues,
+            "--concurrency",
+            str(concurrency or cfg.worker_concurrency),
             "--events",
-            "--loglevel", cfg.log_level,
-            "--without-gossip", "--without-mingle",
+            "--loglevel",
+            cfg.log_level,
+            "--without-gossip",
+            "--without-mingle",
         ]
     )
 
@@ -78,9 +92,14 @@ def beat() -> None:
     schedule_dir = tempfile.mkdtemp(prefix="outlast-beat-")
     _exec(
         [
-            _bin("celery"), "-A", CELERY_TARGET, "beat",
-            "--schedule", os.path.join(schedule_dir, "schedule"),
-            "--loglevel", cfg.log_level,
+            _bin("celery"),
+            "-A",
+            CELERY_TARGET,
+            "beat",
+            "--schedule",
+            os.path.join(schedule_dir, "schedule"),
+            "--loglevel",
+            cfg.log_level,
         ]
     )
 
@@ -96,7 +115,10 @@ def flower() -> None:
         )
     _exec(
         [
-            _bin("celery"), "-A", CELERY_TARGET, "flower",
+            _bin("celery"),
+            "-A",
+            CELERY_TARGET,
+            "flower",
             f"--port={cfg.port}",
             f"--address={cfg.bind_host}",
             f"--basic-auth={cfg.flower_basic_auth}",
@@ -117,16 +139,24 @@ def _dev_api_key(var_dir: Path) -> str:
             created = tenants.create(conn, "dev")
             saved = created.as_json()
         else:  # the tenant exists but this checkout lost its key: issue another
-            saved = {"tenant_id": tenant_id, "name": "dev",
-                     "api_key": tenants.issue_api_key(conn, tenant_id)}
+            saved = {
+                "tenant_id": tenant_id,
+                "name": "dev",
+                "api_key": tenants.issue_api_key(conn, tenant_id),
+            }
     key_file.write_text(json.dumps(saved))
     key_file.chmod(0o600)
     return saved["api_key"]
 
 
 @click.command("up")
-@click.option("--var-dir", default="var", show_default=True, type=click.Path(file_okay=False),
-              help="Where the embedded servers keep their data.")
+@click.option(
+    "--var-dir",
+    default="var",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where the embedded servers keep their data.",
+)
 @click.option("--port", type=int, default=None, help="API port (default: $PORT or 8000).")
 def up(var_dir: str, port: int | None) -> None:
     """Run release, web, worker and beat in the foreground (Ctrl-C stops all).
@@ -178,8 +208,10 @@ def up(var_dir: str, port: int | None) -> None:
         while not stopping:
             for child in children:
                 if not child.alive():
-                    click.echo(f"{child.name} exited with {child.process.returncode}; "
-                               "stopping the stack", err=True)
+                    click.echo(
+                        f"{child.name} exited with {child.process.returncode}; stopping the stack",
+                        err=True,
+                    )
                     stopping = True
             time.sleep(0.2)
     finally:

@@ -65,6 +65,7 @@ CREATE TABLE tasks (
     result           jsonb,
     error            jsonb,
     input_request    jsonb,
+    human_input      jsonb,                          -- the answer to input_request, for the next step
     attempt          integer NOT NULL DEFAULT 1,     -- 1 + resumptions after a lost worker
     step_retries     integer NOT NULL DEFAULT 0,     -- transient retries used by the current step
     webhook_url      text,
