@@ -29,8 +29,10 @@ format: $(STAMP)
 	$(BIN)/ruff format app workers tasks tests bench migrations
 	$(BIN)/ruff check --fix app workers tasks tests bench migrations
 
+## Benchmarks beside their baselines (installs the bench extra; see docs/benchmarks.md).
 bench: $(STAMP)
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info
