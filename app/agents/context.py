@@ -1,7 +1,251 @@
-"""The step context (placeholder while the engine is written)."""
+"""The step context: everything a step function may use to act on the world.
+
+A step function receives a :class:`StepContext` and the previous step's state. Side
+effects go through :meth:`StepContext.tool` and :meth:`StepContext.llm` so that they are
+logged, replayed after a crash and stopped by a cancel; the return value (built with
+:meth:`next`, :meth:`done`, :meth:`ask`, :meth:`sleep` or :meth:`fail`) says what comes
+next. See docs/agents.md.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from app import db, tool_calls
+from app.agents.sdk import (
+    AgentError,
+    Cancelled,
+    Continue,
+    Done,
+    Fail,
+    RetryableError,
+    SleepUntil,
+    WaitForInput,
+)
+from app.agents.tools import NOT_FOUND, ToolCall, TransientToolError, call_key, get_tool
+
+log = logging.getLogger(__name__)
+
+# ctx.wait sleeps in slices this long between cancellation checks (RUNTIME.md: at least
+# once a second).
+WAIT_SLICE_SECONDS = 0.5
+
+
+class Lease(Protocol):
+    """The step's lease as the context needs it (kept by :mod:`app.engine`)."""
+
+    token: str
+
+    def held(self) -> bool:
+        """False once the task is cancelled, failed, or the lease otherwise lost."""
+
+    def report_progress(self, progress: Mapping[str, Any]) -> bool:
+        """Store progress, fenced on the lease; False when the lease is lost."""
+
 
 class StepContext:
-    """What a step function receives; see docs/agents.md."""
+    """What one run of one step sees.
+
+    Attributes: ``task_id``; ``step`` (0-based index of this step); ``attempt`` (1 +
+    lost workers so far); ``input`` (the task's input with schema defaults filled in);
+    ``human_input`` (the answer to the previous step's :meth:`ask`, else ``None``).
+    """
+
+    def __init__(
+        self,
+        *,
+        task_id: str,
+        step: int,
+        attempt: int,
+        input: Mapping[str, Any],
+        human_input: Any,
+        lease: Lease,
+    ):
+        self.task_id = task_id
+        self.step = step
+        self.attempt = attempt
+        self.input = input
+        self.human_input = human_input
+        self._lease = lease
+        self._calls = 0
+
+    # --- side effects -------------------------------------------------------------------
+
+    @property
+    def key(self) -> str:
+        """The idempotency key the next :meth:`tool` or :meth:`llm` call will carry
+        (stable across re-runs of this step)."""
+        return call_key(self.task_id, self.step, self._calls)
+
+    def tool(self, name: str, /, **args: Any) -> Any:
+        """Call tool ``name`` with ``args`` through the tool-call log and return its
+        output. Raises :class:`Cancelled` when the task was cancelled first."""
+        return self._call(name, args)
+
+    def llm(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """A Chat Completions call (OpenAI format ``messages`` and ``tools``), logged and
+        replayed like a tool call. Returns the assistant message: ``{"role":
+        "assistant", "content": ..., "tool_calls": [...]}`` (no ``tool_calls`` key when
+        the model called none)."""
+        args: dict[str, Any] = {"messages": list(messages), **options}
+        if tools:
+            args["tools"] = list(tools)
+        return self._call("llm", args)["message"]
+
+    def progress(
+        self, current: int | float, total: int | float | None = None, message: str | None = None
+    ) -> None:
+        """Report progress (a ``task.progress`` event)."""
+        progress = {"current": current, "total": total, "message": message}
+        if not self._lease.report_progress(progress):
+            raise Cancelled("the task is no longer running this step")
+
+    # --- cancellation -------------------------------------------------------------------
+
+    def cancelled(self) -> bool:
+        """True once the task was cancelled (or this step's lease was lost)."""
+        return not self._lease.held()
+
+    def check_cancelled(self) -> None:
+        """Raise :class:`Cancelled` if :meth:`cancelled`."""
+        if self.cancelled():
+            raise Cancelled("the task is no longer running this step")
+
+    def wait(self, seconds: float) -> None:
+        """Sleep ``seconds`` inside the step, checking for cancellation at least once a
+        second. For long waits return :meth:`sleep` instead: it holds no worker."""
+        end = time.monotonic() + max(0.0, float(seconds))
+        while True:
+            self.check_cancelled()
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return
+            time.sleep(min(WAIT_SLICE_SECONDS, remaining))
+
+    # --- outcomes -----------------------------------------------------------------------
+
+    def next(self, state: Any = None) -> Continue:
+        """Checkpoint ``state`` and run the next step with it."""
+        return Continue(state)
+
+    def done(self, result: Any) -> Done:
+        """Complete the task with ``result``."""
+        return Done(result)
+
+    def ask(self, prompt: str, schema: Mapping[str, Any], state: Any = None) -> WaitForInput:
+        """Wait for a human's answer matching JSON Schema ``schema``; the next step gets
+        it as ``ctx.human_input`` and ``state`` as its state."""
+        return WaitForInput(prompt, schema, state)
+
+    def sleep(self, seconds: float, state: Any = None) -> SleepUntil:
+        """Run the next step (with ``state``) ``seconds`` from now, holding no worker."""
+        return SleepUntil(datetime.now(UTC) + timedelta(seconds=float(seconds)), state)
+
+    def sleep_until(self, when: datetime, state: Any = None) -> SleepUntil:
+        """Run the next step (with ``state``) at ``when`` (timezone-aware)."""
+        return SleepUntil(when, state)
+
+    def fail(self, message: str, type: str = "agent_error") -> Fail:
+        """Fail the task with ``{"type": type, "message": message}``."""
+        return Fail(message, type)
+
+    # --- the log ------------------------------------------------------------------------
+
+    def _call(self, name: str, args: dict[str, Any]) -> Any:
+        spec = get_tool(name)
+        if spec is None:
+            raise AgentError(f"no tool named {name!r} is registered")
+        index = self._calls
+        self._calls += 1
+        key = call_key(self.task_id, self.step, index)
+        self.check_cancelled()
+        with db.engine().begin() as conn:
+            row = tool_calls.get(conn, self.task_id, self.step, index)
+        if row is not None and row["name"] != name:
+            # The step function is not deterministic: replaying would hand call `index`
+            # another tool's output. Fail loudly instead.
+            raise AgentError(
+                f"call {index} of step {self.step} was {row['name']!r} and is now {name!r}; "
+                "a step must make the same calls in the same order when it is re-run"
+            )
+        if row is not None and row["status"] == tool_calls.COMPLETED:
+            log.info("replaying %s call %d of step %d", name, index, self.step)
+            return row["output"]
+        if row is not None and spec.reconcile is not None:
+            found = spec.reconcile(key)
+            if found is not NOT_FOUND:
+                with db.engine().begin() as conn:
+                    tool_calls.complete(conn, self.task_id, self.step, index, found)
+                return found
+        logged_args = spec.summarize(args) if spec.summarize else args
+        with db.engine().begin() as conn:
+            started = tool_calls.begin(
+                conn,
+                task_id=self.task_id,
+                step=self.step,
+                call_index=index,
+                name=name,
+                key=key,
+                args=logged_args,
+                lease_token=self._lease.token,
+            )
+            if started is None:
+                again = tool_calls.get(conn, self.task_id, self.step, index)
+        if started is None:
+            if again is not None and again["status"] == tool_calls.COMPLETED:
+                return again["output"]  # a concurrent run of this step finished it
+            raise Cancelled("the task is no longer running this step")
+        call = ToolCall(
+            task_id=self.task_id,
+            step=self.step,
+            index=index,
+            key=key,
+            attempt=started["attempts"],
+            check_cancelled=self.check_cancelled,
+        )
+        try:
+            output = spec.fn(call, **args)
+            json.dumps(output)  # the log stores JSON; fail here, not at the checkpoint
+        except Cancelled:
+            raise
+        except BaseException as exc:
+            with db.engine().begin() as conn:
+                tool_calls.fail(
+                    conn,
+                    self.task_id,
+                    self.step,
+                    index,
+                    {"type": type(exc).__name__, "message": str(exc)[:2000]},
+                )
+            if is_transient(exc) and not isinstance(exc, RetryableError):
+                raise TransientToolError(f"{name}: {exc}") from exc
+            raise
+        with db.engine().begin() as conn:
+            tool_calls.complete(conn, self.task_id, self.step, index, output)
+        return output
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A connection error or timeout (or the SDK's :class:`RetryableError`): worth
+    re-running the step for."""
+    import requests
+
+    return isinstance(
+        exc,
+        RetryableError
+        | requests.ConnectionError
+        | requests.Timeout
+        | ConnectionError
+        | TimeoutError,
+    )

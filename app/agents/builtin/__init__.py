@@ -4,6 +4,7 @@ Importing this package registers them (it is also the ``builtin`` entry point of
 ``outlast.agents`` group).
 """
 
+from app.agents import http, llm  # noqa: F401  (registers the built-in tools)
 from app.agents.builtin import approval, calls, echo, research, sleepy
 
 __all__ = ["approval", "calls", "echo", "research", "sleepy"]

@@ -1,0 +1,355 @@
+"""Run one step of one task (DESIGN.md, mechanism 3): lease, run, checkpoint.
+
+``run_step(task_id, step)`` is what the ``outlast.run_step`` Celery task does:
+
+1. take the lease on exactly this step (a conditional UPDATE with a fresh token); a
+   duplicate or stale message finds the lease held or the step past and returns;
+2. load the previous checkpoint and run the agent's step function once, while a thread
+   renews the lease every lease/3 seconds (and notices a cancel or the deadline);
+3. commit the outcome in one transaction fenced on (task, step, token): the checkpoint,
+   the status change, the events, and the outbox row of the next step (published right
+   after the commit). A step whose fence fails is discarded.
+
+Failures: the SDK's retryable errors and connection errors/timeouts re-run the step
+after an exponential backoff held in ``tasks.wake_at`` (no worker waits), at most
+``OUTLAST_STEP_RETRIES`` times; anything else fails the task with ``agent_error``; a bad
+return value fails it with ``invalid_output``; the task deadline fails it with
+``timeout``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from celery.exceptions import SoftTimeLimitExceeded
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+from sqlalchemy.engine import Connection, RowMapping
+
+from app import db, db_errors, ids, lifecycle, outbox
+from app import settings as settings_mod
+from app.agents.context import StepContext, is_transient
+from app.agents.registry import get_agent
+from app.agents.sdk import Cancelled, Continue, Done, Fail, SleepUntil, WaitForInput
+
+log = logging.getLogger(__name__)
+
+# Step-retry backoff: base * 2**retries seconds, at most this long.
+RETRY_BACKOFF_MAX_SECONDS = 600.0
+# How often a lost connection is retried when committing a finished step.
+COMMIT_ATTEMPTS = 4
+
+
+class LeaseKeeper:
+    """Keeps a step's lease alive from a background thread, renewing every lease/3.
+
+    It is also the step's cancellation signal: a renewal that matches no row (the task
+    was cancelled, failed or reaped) marks the lease lost, and a passed deadline fails
+    the task with ``timeout`` at once, fenced on the lease.
+    """
+
+    def __init__(
+        self, task_id: str, token: str, lease_seconds: float, deadline_at: datetime | None
+    ):
+        self.task_id = task_id
+        self.token = token
+        self.lease_seconds = lease_seconds
+        self.deadline_at = deadline_at
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{task_id}", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        interval = max(0.1, self.lease_seconds / 3)
+        while not self._stop.wait(interval):
+            try:
+                if self.deadline_passed():
+                    with db.engine().begin() as conn:
+                        fail_timeout(conn, self.task_id, token=self.token)
+                    self.lost.set()
+                    return
+                with db.engine().begin() as conn:
+                    if not lifecycle.renew_lease(
+                        conn, self.task_id, self.token, self.lease_seconds
+                    ):
+                        self.lost.set()
+                        return
+            except Exception as exc:  # the database may be back before the lease runs out
+                log.warning("lease renewal of %s failed: %s", self.task_id, exc)
+
+    def deadline_passed(self) -> bool:
+        return self.deadline_at is not None and datetime.now(UTC) >= self.deadline_at
+
+    def held(self) -> bool:
+        """Checks the database: is the task still ``working`` under this lease?"""
+        if self.lost.is_set():
+            return False
+        if self.deadline_passed():
+            return False
+        with db.engine().connect() as conn:
+            still = conn.execute(
+                sa.text(
+                    "SELECT 1 FROM tasks WHERE id = :id AND lease_token = :token "
+                    "AND status = 'working'"
+                ),
+                {"id": self.task_id, "token": self.token},
+            ).first()
+        if still is None:
+            self.lost.set()
+        return still is not None
+
+    def report_progress(self, progress: Mapping[str, Any]) -> bool:
+        with db.transaction() as conn:
+            row = lifecycle.report_progress(conn, self.task_id, self.token, progress)
+        if row is None:
+            self.lost.set()
+        return row is not None
+
+
+def fail_timeout(conn: Connection, task_id: str, token: str | None = None) -> RowMapping | None:
+    """Fail a task whose ``timeout_seconds`` passed (``timeout``)."""
+    return lifecycle.fail(
+        conn,
+        task_id,
+        lifecycle.ErrorType.TIMEOUT.value,
+        "the task did not finish within its timeout_seconds",
+        token=token,
+    )
+
+
+def retry_delay(retries_done: int, base: float = 1.0) -> float:
+    """Backoff before re-running a step that raised a transient error."""
+    return min(RETRY_BACKOFF_MAX_SECONDS, base * (2**retries_done))
+
+
+def run_step(task_id: str, step: int) -> str:
+    """Run step ``step`` of ``task_id`` if this message is the one to run it.
+
+    Returns what happened (for logs and tests): ``skipped`` (duplicate or stale
+    message), ``continued``, ``completed``, ``input_required``, ``sleeping``,
+    ``retrying``, ``failed``, ``discarded`` (the lease was lost before the commit).
+    """
+    cfg = settings_mod.current()
+    token = ids.new_token()
+    with db.transaction() as conn:
+        task = lifecycle.acquire_lease(conn, task_id, step, token, cfg.lease_seconds)
+    if task is None:
+        log.info("step %d of %s is not runnable by this message; dropped", step, task_id)
+        return "skipped"
+    started_at = datetime.now(UTC)
+    deadline_at = task["deadline_at"]
+    if deadline_at is not None and started_at >= deadline_at:
+        with db.transaction() as conn:
+            fail_timeout(conn, task_id, token=token)
+        return "failed"
+    agent = get_agent(task["agent"])
+    if agent is None:
+        return _finish_failed(
+            task_id,
+            token,
+            "agent_error",
+            f"no agent named {task['agent']!r} is registered on this worker",
+        )
+    with db.engine().connect() as conn:
+        state = _previous_state(conn, task_id, step)
+    keeper = LeaseKeeper(task_id, token, cfg.lease_seconds, deadline_at)
+    ctx = StepContext(
+        task_id=task_id,
+        step=step,
+        attempt=task["attempt"],
+        input=agent.defaults(task["input"] or {}),
+        human_input=task["human_input"],
+        lease=keeper,
+    )
+    with keeper:
+        try:
+            outcome = agent.step(ctx, state)
+        except Cancelled as exc:
+            if keeper.deadline_passed():
+                with db.transaction() as conn:
+                    fail_timeout(conn, task_id, token=token)
+                return "failed"
+            if not keeper.lost.is_set() and keeper.held():
+                # The agent raised Cancelled itself while the task runs: a bug, not a cancel.
+                return _finish_failed(task_id, token, "agent_error", _describe(exc))
+            log.info(
+                "step %d of %s stopped: the task was cancelled or its lease lost", step, task_id
+            )
+            return "discarded"
+        except SoftTimeLimitExceeded:
+            return _finish_failed(task_id, token, "agent_error", "the step exceeded its time limit")
+        except Exception as exc:
+            if keeper.lost.is_set():
+                return "discarded"  # a cancel or deadline got there first; late errors are moot
+            if is_transient(exc):
+                return _retry_or_fail(task_id, step, token, task["step_retries"], exc, cfg)
+            log.exception("step %d of %s raised", step, task_id)
+            return _finish_failed(task_id, token, "agent_error", _describe(exc))
+        if keeper.lost.is_set():
+            return "discarded"
+        return _commit(task_id, step, token, outcome, started_at, task["attempt"])
+
+
+def _previous_state(conn: Connection, task_id: str, step: int) -> Any:
+    if step == 0:
+        return None
+    return conn.execute(
+        sa.text("SELECT state FROM checkpoints WHERE task_id = :id AND step_index = :step"),
+        {"id": task_id, "step": step - 1},
+    ).scalar()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return (text if text else type(exc).__name__)[:2000]
+
+
+def _with_db_retries(work: Any) -> Any:
+    """Run ``work`` (one transaction); retry a few times if the database dropped."""
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        try:
+            return work()
+        except Exception as exc:
+            if attempt == COMMIT_ATTEMPTS or not db_errors.is_database_unavailable(exc):
+                raise
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _finish_failed(task_id: str, token: str, error_type: str, message: str) -> str:
+    def work() -> str:
+        with db.transaction() as conn:
+            row = lifecycle.fail(conn, task_id, error_type, message, token=token)
+        return "failed" if row is not None else "discarded"
+
+    return _with_db_retries(work)
+
+
+def _retry_or_fail(
+    task_id: str,
+    step: int,
+    token: str,
+    retries_done: int,
+    exc: BaseException,
+    cfg: settings_mod.Settings,
+) -> str:
+    if retries_done >= cfg.step_retries:
+        return _finish_failed(
+            task_id,
+            token,
+            "agent_error",
+            f"{_describe(exc)} (the step failed {retries_done + 1} times with a transient error)",
+        )
+    delay = retry_delay(retries_done, cfg.step_retry_base_seconds)
+    log.warning("step %d of %s: transient error, retry in %.1fs: %s", step, task_id, delay, exc)
+
+    def work() -> str:
+        with db.transaction() as conn:
+            row = lifecycle.retry_step_later(conn, task_id, step, token, delay, _describe(exc))
+        return "retrying" if row is not None else "discarded"
+
+    return _with_db_retries(work)
+
+
+def _check_json(value: Any, what: str) -> str | None:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        return f"the step returned a {what} that is not JSON: {exc}"
+    return None
+
+
+def _commit(
+    task_id: str, step: int, token: str, outcome: Any, started_at: datetime, attempt: int
+) -> str:
+    """Write the step's outcome, fenced on the lease (one transaction)."""
+    problem = _outcome_problem(outcome)
+    if problem is not None:
+        return _finish_failed(task_id, token, "invalid_output", problem)
+    if isinstance(outcome, Fail):
+        return _finish_failed(task_id, token, outcome.type or "agent_error", outcome.message)
+
+    def work() -> str:
+        with db.transaction() as conn:
+            common = {"started_at": started_at, "attempt": attempt}
+            if isinstance(outcome, Continue):
+                row = lifecycle.commit_step(
+                    conn, task_id, step, token, state=outcome.state, **common
+                )
+                if row is None:
+                    return "discarded"
+                outbox.add_step(conn, task_id, step + 1)
+                return "continued"
+            if isinstance(outcome, Done):
+                row = lifecycle.commit_step(
+                    conn, task_id, step, token, state=None, dispatch=False, **common
+                )
+                if row is None:
+                    return "discarded"
+                lifecycle.complete(conn, task_id, outcome.result)
+                return "completed"
+            if isinstance(outcome, WaitForInput):
+                row = lifecycle.commit_step(
+                    conn, task_id, step, token, state=outcome.state, dispatch=False, **common
+                )
+                if row is None:
+                    return "discarded"
+                lifecycle.request_input(
+                    conn, task_id, {"prompt": outcome.prompt, "schema": dict(outcome.schema)}
+                )
+                return "input_required"
+            assert isinstance(outcome, SleepUntil)
+            row = lifecycle.commit_step(
+                conn,
+                task_id,
+                step,
+                token,
+                state=outcome.state,
+                wake_at=outcome.wake_at,
+                dispatch=False,
+                **common,
+            )
+            return "sleeping" if row is not None else "discarded"
+
+    return _with_db_retries(work)
+
+
+def _outcome_problem(outcome: Any) -> str | None:
+    """Why ``outcome`` cannot be committed (``invalid_output``), or ``None``."""
+    if not isinstance(outcome, Continue | Done | WaitForInput | SleepUntil | Fail):
+        return (
+            f"the step returned {type(outcome).__name__}; return ctx.next(), ctx.done(), "
+            "ctx.ask(), ctx.sleep() or ctx.fail()"
+        )
+    if isinstance(outcome, Done):
+        if outcome.result is None:
+            return "the result of ctx.done() must not be None"
+        return _check_json(outcome.result, "result")
+    if isinstance(outcome, Continue | WaitForInput | SleepUntil):
+        problem = _check_json(outcome.state, "state")
+        if problem:
+            return problem
+    if isinstance(outcome, WaitForInput):
+        try:
+            Draft202012Validator.check_schema(dict(outcome.schema))
+        except SchemaError as exc:
+            return f"the input schema of ctx.ask() is not a JSON Schema: {exc.message}"
+        return _check_json({"prompt": outcome.prompt, "schema": outcome.schema}, "input request")
+    if isinstance(outcome, SleepUntil) and outcome.wake_at.tzinfo is None:
+        return "ctx.sleep_until() needs a timezone-aware datetime"
+    return None
