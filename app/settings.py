@@ -76,6 +76,7 @@ class Settings:
     reaper_interval_seconds: float = 10.0
     max_attempts: int = 5
     step_retries: int = 3
+    step_retry_base_seconds: float = 1.0  # first step-retry backoff; doubles each retry
     idempotency_ttl_seconds: int = 86400
     webhook_retry_base_seconds: float = 5.0
     webhook_max_attempts: int = 15
@@ -116,6 +117,7 @@ class Settings:
             reaper_interval_seconds=_float(env, "OUTLAST_REAPER_INTERVAL_SECONDS", 10.0, 0.1, 3600),
             max_attempts=_int(env, "OUTLAST_MAX_ATTEMPTS", 5, 1, 1000),
             step_retries=_int(env, "OUTLAST_STEP_RETRIES", 3, 0, 100),
+            step_retry_base_seconds=_float(env, "OUTLAST_STEP_RETRY_BASE_SECONDS", 1.0, 0.01, 3600),
             idempotency_ttl_seconds=_int(env, "OUTLAST_IDEMPOTENCY_TTL_SECONDS", 86400, 1, 10**8),
             webhook_retry_base_seconds=_float(
                 env, "OUTLAST_WEBHOOK_RETRY_BASE_SECONDS", 5.0, 0.01, 3600
