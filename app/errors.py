@@ -89,7 +89,8 @@ class Unauthorized(ApiError):
     status, code, title = 401, "unauthorized", "Unauthorized"
 
     def __init__(self, detail: str = "A valid API key is required: Authorization: Bearer <key>."):
-        super().__init__(detail, headers={"WWW-Authenticate": 'Bearer realm="outlast"'})
+        # The bare challenge of API.md; RFC 6750 makes its parameters optional.
+        super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})
 
 
 class NotFound(ApiError):
@@ -98,6 +99,32 @@ class NotFound(ApiError):
 
 class Conflict(ApiError):
     status, code, title = 409, "conflict", "Conflict"
+
+
+class IdempotencyKeyReused(ApiError):
+    status, code, title = 422, "idempotency_key_reused", "Idempotency-Key reused"
+
+    def __init__(self) -> None:
+        message = "This Idempotency-Key was already used with a different request body."
+        super().__init__(message, errors={"Idempotency-Key": [message]})
+
+
+class IdempotencyKeyInFlight(ApiError):
+    status, code, title = 409, "idempotency_key_in_flight", "Idempotency-Key in flight"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "A request with this Idempotency-Key is still being processed; retry shortly.",
+            headers={"Retry-After": "1"},
+        )
+
+
+class TaskTerminal(ApiError):
+    status, code, title = 409, "task_terminal", "Task already finished"
+
+
+class TaskNotWaiting(ApiError):
+    status, code, title = 409, "task_not_waiting", "Task not waiting for input"
 
 
 class Unavailable(ApiError):
@@ -150,11 +177,17 @@ def register(app: Flask) -> None:
             errors = _flatten(data.get("messages", {}))
         if status == 422 and errors is None:
             errors = {}
-        if status == 413:
+        if status == 400 and isinstance(data, dict) and isinstance(data.get("exc"), ValueError):
+            # webargs could not parse a JSON body (views with @json_body never get here).
+            return problem_response(InvalidJson("The request body is not valid JSON."))
+        title = error.name
+        if status == 422:
+            detail, title = "The request did not validate; see errors.", ValidationFailed.title
+        elif status == 413:
             detail = "The request body is larger than OUTLAST_MAX_BODY_BYTES."
         else:
             detail = error.description or error.name
-        problem = ApiError(detail, status=status, code=code, title=error.name, errors=errors)
+        problem = ApiError(detail, status=status, code=code, title=title, errors=errors)
         response = problem_response(problem)
         if status == 405 and error.get_response().headers.get("Allow"):
             response.headers["Allow"] = error.get_response().headers["Allow"]

@@ -3,12 +3,39 @@ marshmallow schemas) and the operational endpoints."""
 
 from __future__ import annotations
 
+import http
+
 from flask import Flask
 from flask_smorest import Api
+from flask_smorest.utils import prepare_response
 
 from app import auth, errors
 
 V1_BLUEPRINTS = ("app.api.tasks", "app.api.events", "app.api.deliveries")
+
+
+class OutlastApi(Api):
+    """flask-smorest's Api, documenting errors as they are sent: problem+json."""
+
+    def _register_responses(self) -> None:
+        from app.schemas import ProblemSchema
+
+        # Reusable responses named after the status (flask-smorest's convention, used
+        # by @blp.alt_response and @blp.arguments' 422), plus the "default" error.
+        for status in http.HTTPStatus:
+            response: dict = {"description": status.phrase}
+            if status >= 400:
+                response["schema"] = ProblemSchema
+            prepare_response(response, self.spec, errors.PROBLEM_JSON)
+            self.spec.components.response(status.name, response, lazy=True)
+        response = {"description": "An error (RFC 9457 problem)", "schema": ProblemSchema}
+        prepare_response(response, self.spec, errors.PROBLEM_JSON)
+        self.spec.components.response(self.DEFAULT_ERROR_RESPONSE_NAME, response, lazy=True)
+
+
+def _authenticate() -> None:
+    # A before_request hook that returned the tenant id would end the request with it.
+    auth.authenticate()
 
 
 def init_app(flask_app: Flask) -> Api:
@@ -24,16 +51,23 @@ def init_app(flask_app: Flask) -> Api:
         OPENAPI_REDOC_PATH="/docs",
         OPENAPI_REDOC_URL="https://cdn.jsdelivr.net/npm/redoc@2/bundles/redoc.standalone.js",
         API_SPEC_OPTIONS={
+            "info": {
+                "description": "Durable, checkpointed execution of long-running AI agent "
+                "tasks. Every /v1 request needs Authorization: Bearer <api key>."
+            },
             "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
             "security": [{"bearer": []}],
         },
     )
-    api = Api(flask_app)
+    api = OutlastApi(flask_app)
     for module_name in V1_BLUEPRINTS:
         module = importlib.import_module(module_name)
         blueprint = module.blueprint
         # Every /v1 request is authenticated before its view runs.
-        blueprint.before_request(auth.authenticate)
+        # Blueprints are module objects shared by every app a process creates (tests make
+        # one per test): a setup method may only run before the first registration.
+        if _authenticate not in blueprint.before_request_funcs.get(None, []):
+            blueprint.before_request(_authenticate)
         api.register_blueprint(blueprint, url_prefix="/v1")
 
     from app.api import metrics, ops

@@ -1,5 +1,393 @@
-"""/v1 tasks endpoints."""
+"""/v1/tasks: submit, read (with ETag and the ``?wait=N`` long poll), list with cursors,
+the checkpoint log, cancel, and human input."""
 
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+import time
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import jsonschema
+import sqlalchemy as sa
+from flask import Response, g, request
+from flask.views import MethodView
 from flask_smorest import Blueprint
+from sqlalchemy.engine import Connection, RowMapping
 
-blueprint = Blueprint("tasks", __name__, description="tasks")
+from app import db, lifecycle, outbox, schemas, submission
+from app.api.jsonbody import json_body
+from app.auth import current_tenant
+from app.errors import NotFound, TaskNotWaiting, TaskTerminal, ValidationFailed
+from app.longpoll import notifications
+from app.representation import TASK_COLUMNS, rfc3339, task_json
+
+blueprint = Blueprint("tasks", __name__, description="Submit, read, list, cancel and answer tasks.")
+
+# Ids are ours (``tsk_`` + base32); anything else cannot exist and is answered 404
+# without a query (which also keeps NUL bytes and megabyte ids away from the database).
+TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+# Suggested poll intervals (Retry-After) while a task is not terminal.
+RETRY_AFTER_SECONDS = {
+    lifecycle.Status.PENDING: 1,
+    lifecycle.Status.WORKING: 2,
+    lifecycle.Status.INPUT_REQUIRED: 5,
+}
+
+TASK_HEADERS = {
+    "ETag": {
+        "description": "Tag of this representation, for If-None-Match.",
+        "schema": {"type": "string"},
+    },
+    "Retry-After": {
+        "description": "Suggested poll interval in seconds; only while the task is not terminal.",
+        "schema": {"type": "integer"},
+    },
+}
+
+
+def json_response(
+    body: Any, status: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
+    """A JSON answer (views build their own bodies with :mod:`app.representation`)."""
+    response = Response(json.dumps(body), status=status, mimetype="application/json")
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def task_etag(body: Mapping[str, Any]) -> str:
+    """A strong tag of the task's JSON: it changes whenever any field does."""
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+    return f'"{digest}"'
+
+
+def task_response(row: Mapping[str, Any], status: int = 200, **headers: str) -> Response:
+    """The task with ``ETag`` and, while it is not terminal, ``Retry-After``."""
+    body = task_json(row)
+    response = json_response(body, status)
+    response.headers["ETag"] = task_etag(body)
+    retry_after = RETRY_AFTER_SECONDS.get(lifecycle.Status(row["status"]))
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    for name, value in headers.items():
+        response.headers[name.replace("_", "-")] = value
+    return response
+
+
+def load_task(conn: Connection, task_id: str) -> RowMapping:
+    """The authenticated tenant's task, else ``404`` (another tenant's task included)."""
+    if not TASK_ID.match(task_id):
+        raise NotFound("No task with this id.")
+    row = lifecycle.get(conn, task_id, current_tenant())
+    if row is None:
+        raise NotFound("No task with this id.")
+    return row
+
+
+def read_task(task_id: str) -> RowMapping:
+    """:func:`load_task` on a connection held only for the query."""
+    with db.engine().connect() as conn:
+        return load_task(conn, task_id)
+
+
+# --- cursors -----------------------------------------------------------------------------
+
+
+def encode_cursor(row: Mapping[str, Any]) -> str:
+    """Opaque position after ``row`` in newest-first order: its (created_at, id)."""
+    raw = json.dumps([row["created_at"].isoformat(), row["id"]]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, task_id = json.loads(raw)
+        position = (datetime.fromisoformat(created_at), str(task_id))
+        if position[0].tzinfo is None or not TASK_ID.match(position[1]):
+            raise ValueError("bad cursor")
+        return position
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise ValidationFailed({"cursor": ["Not a valid cursor."]}) from None
+
+
+# --- views -------------------------------------------------------------------------------
+
+
+@blueprint.route("/tasks")
+class TaskCollection(MethodView):
+    @json_body
+    @blueprint.arguments(schemas.CreateTaskRequest)
+    @blueprint.response(
+        202,
+        schemas.TaskSchema,
+        description="Accepted (or replayed, with Idempotent-Replayed: true).",
+        headers={
+            "Location": {"description": "/v1/tasks/{id}", "schema": {"type": "string"}},
+            "Idempotent-Replayed": {
+                "description": "true when this answer replays an earlier request's task.",
+                "schema": {"type": "string", "enum": ["true"]},
+            },
+            **TASK_HEADERS,
+        },
+    )
+    @blueprint.alt_response(400, response="BAD_REQUEST")
+    @blueprint.alt_response(409, response="CONFLICT")
+    @blueprint.alt_response(413, response="REQUEST_ENTITY_TOO_LARGE")
+    @blueprint.alt_response(415, response="UNSUPPORTED_MEDIA_TYPE")
+    @blueprint.alt_response(503, response="SERVICE_UNAVAILABLE")
+    @blueprint.doc(
+        parameters=[
+            {
+                "in": "header",
+                "name": "Idempotency-Key",
+                "required": False,
+                "description": "1 to 255 printable ASCII characters; scoped to the tenant.",
+                "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+            }
+        ]
+    )
+    def post(self, task: dict[str, Any]) -> Response:
+        """Submit a task.
+
+        The task is stored, with its task.created event and the message that runs its
+        first step, in one transaction before the answer is sent.
+        """
+        key = submission.check_idempotency_key(request.headers.get("Idempotency-Key"))
+        result = submission.submit(current_tenant(), task, body=g.json_body, idempotency_key=key)
+        headers = {"Location": f"/v1/tasks/{result.task['id']}"}
+        if result.replayed:
+            headers["Idempotent-Replayed"] = "true"
+        return task_response(result.task, 202, **headers)
+
+    @blueprint.arguments(schemas.ListTasksQuery, location="query")
+    @blueprint.response(200, schemas.TaskPageSchema)
+    def get(self, query: dict[str, Any]) -> Response:
+        """List tasks, newest first.
+
+        Cursor paging is stable while new tasks arrive: pass next_cursor back as cursor.
+        """
+        where = ["tenant_id = :tenant_id"]
+        params: dict[str, Any] = {"tenant_id": current_tenant(), "limit": query["limit"] + 1}
+        if "status" in query:
+            where.append("status = CAST(:status AS task_status)")
+            params["status"] = query["status"]
+        if "agent" in query:
+            where.append("agent = :agent")
+            params["agent"] = query["agent"]
+        if "cursor" in query:
+            params["c_at"], params["c_id"] = decode_cursor(query["cursor"])
+            where.append("(created_at, id) < (:c_at, :c_id)")
+        sql = (
+            f"SELECT {TASK_COLUMNS} FROM tasks WHERE {' AND '.join(where)} "
+            "ORDER BY created_at DESC, id DESC LIMIT :limit"
+        )
+        with db.engine().connect() as conn:
+            rows = conn.execute(sa.text(sql), params).mappings().all()
+        page = rows[: query["limit"]]
+        more = len(rows) > query["limit"]
+        return json_response(
+            {
+                "data": [task_json(row) for row in page],
+                "next_cursor": encode_cursor(page[-1]) if more else None,
+            }
+        )
+
+
+def _etag_matches(etag: str) -> bool:
+    return request.if_none_match.contains_weak(etag.strip('"'))
+
+
+@blueprint.route("/tasks/<task_id>")
+class TaskItem(MethodView):
+    @blueprint.arguments(schemas.GetTaskQuery, location="query")
+    @blueprint.response(200, schemas.TaskSchema, headers=TASK_HEADERS)
+    @blueprint.alt_response(304, description="Not modified (If-None-Match matched the ETag).")
+    @blueprint.alt_response(404, response="NOT_FOUND")
+    @blueprint.doc(
+        parameters=[
+            {
+                "in": "header",
+                "name": "If-None-Match",
+                "required": False,
+                "description": "An ETag from an earlier answer; 304 while it is current.",
+                "schema": {"type": "string"},
+            }
+        ]
+    )
+    def get(self, query: dict[str, Any], task_id: str) -> Response:
+        """Read a task; ``?wait=N`` long-polls for a change of status or step."""
+        row = read_task(task_id)
+        wait = query.get("wait") or 0
+        if wait > 0 and row["status"] not in lifecycle.TERMINAL:
+            row = _wait_for_change(task_id, row, wait)
+        response = task_response(row)
+        if request.if_none_match and _etag_matches(response.headers["ETag"]):
+            not_modified = Response(status=304)
+            for name in ("ETag", "Retry-After"):
+                if name in response.headers:
+                    not_modified.headers[name] = response.headers[name]
+            return not_modified
+        return response
+
+
+def _wait_for_change(task_id: str, row: RowMapping, wait: float) -> RowMapping:
+    """Block (on LISTEN/NOTIFY, holding no connection) until the task's status or step
+    differs from ``row``'s, it is terminal, or ``wait`` seconds passed.
+
+    With ``If-None-Match`` naming an older representation, the change already happened:
+    answer at once.
+    """
+    if request.if_none_match and not _etag_matches(task_etag(task_json(row))):
+        return row
+    deadline = time.monotonic() + wait
+    initial = (row["status"], row["step"])
+    with notifications.watch(task_id) as waiter:
+        row = read_task(task_id)  # again, now that no notification can be missed
+        while row["status"] not in lifecycle.TERMINAL and (row["status"], row["step"]) == initial:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            waiter.wait(remaining)
+            row = read_task(task_id)
+    return row
+
+
+@blueprint.route("/tasks/<task_id>/steps")
+class TaskSteps(MethodView):
+    @blueprint.response(200, schemas.StepListSchema)
+    @blueprint.alt_response(404, response="NOT_FOUND")
+    def get(self, task_id: str) -> Response:
+        """The checkpoint log, oldest first, each step with its tool calls."""
+        with db.engine().connect() as conn:
+            load_task(conn, task_id)
+            checkpoints = conn.execute(
+                sa.text(
+                    "SELECT step_index, started_at, finished_at FROM checkpoints "
+                    "WHERE task_id = :task_id ORDER BY step_index"
+                ),
+                {"task_id": task_id},
+            ).all()
+            calls = conn.execute(
+                sa.text(
+                    "SELECT step_index, call_index, name, idempotency_key, status "
+                    "FROM tool_calls WHERE task_id = :task_id ORDER BY step_index, call_index"
+                ),
+                {"task_id": task_id},
+            ).all()
+        by_step: dict[int, list[dict[str, Any]]] = {}
+        for call in calls:
+            by_step.setdefault(call.step_index, []).append(
+                {
+                    "index": call.call_index,
+                    "name": call.name,
+                    "idempotency_key": call.idempotency_key,
+                    "status": call.status,
+                }
+            )
+        steps = [
+            {
+                "index": cp.step_index,
+                "status": "completed",
+                "started_at": rfc3339(cp.started_at),
+                "finished_at": rfc3339(cp.finished_at),
+                "tool_calls": by_step.get(cp.step_index, []),
+            }
+            for cp in checkpoints
+        ]
+        return json_response({"data": steps})
+
+
+@blueprint.route("/tasks/<task_id>/cancel")
+class TaskCancel(MethodView):
+    @blueprint.response(200, schemas.TaskSchema)
+    @blueprint.alt_response(404, response="NOT_FOUND")
+    @blueprint.alt_response(409, response="CONFLICT", description="task_terminal")
+    def post(self, task_id: str) -> Response:
+        """Cancel a task: any non-terminal task becomes cancelled at once.
+
+        Cancelling a cancelled task answers it again; a completed or failed one is a 409.
+        """
+        with db.transaction() as conn:
+            if not TASK_ID.match(task_id):
+                raise NotFound("No task with this id.")
+            row = lifecycle.cancel(conn, task_id, current_tenant())
+            if row is None:
+                row = load_task(conn, task_id)
+                if row["status"] != lifecycle.Status.CANCELLED:
+                    raise TaskTerminal(f"The task is already {row['status']}.")
+        return task_response(row)
+
+
+@blueprint.route("/tasks/<task_id>/input")
+class TaskInput(MethodView):
+    @json_body
+    @blueprint.arguments(schemas.SubmitInputRequest)
+    @blueprint.response(202, schemas.TaskSchema)
+    @blueprint.alt_response(400, response="BAD_REQUEST")
+    @blueprint.alt_response(404, response="NOT_FOUND")
+    @blueprint.alt_response(409, response="CONFLICT", description="task_not_waiting")
+    @blueprint.alt_response(413, response="REQUEST_ENTITY_TOO_LARGE")
+    @blueprint.alt_response(415, response="UNSUPPORTED_MEDIA_TYPE")
+    def post(self, body: dict[str, Any], task_id: str) -> Response:
+        """Answer a task waiting in input_required; it resumes at once."""
+        with db.transaction() as conn:
+            if not TASK_ID.match(task_id):
+                raise NotFound("No task with this id.")
+            # Locked so that the state checked is the state resumed.
+            row = (
+                conn.execute(
+                    sa.text(
+                        f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = :id "
+                        "AND tenant_id = :tenant_id FOR UPDATE"
+                    ),
+                    {"id": task_id, "tenant_id": current_tenant()},
+                )
+                .mappings()
+                .one_or_none()
+            )
+            if row is None:
+                raise NotFound("No task with this id.")
+            if row["status"] != lifecycle.Status.INPUT_REQUIRED:
+                raise TaskNotWaiting(f"The task is {row['status']}, not input_required.")
+            errors = input_errors((row["input_request"] or {}).get("schema"), body["input"])
+            if errors:
+                raise ValidationFailed(errors, "The input does not match input_request.schema.")
+            resumed = lifecycle.resume_with_input(conn, task_id, current_tenant(), body["input"])
+            if resumed is None:  # cannot happen under the row lock; keep the contract anyway
+                raise TaskNotWaiting("The task is no longer waiting for input.")
+            outbox.add_step(conn, task_id, resumed["step"])
+        return task_response(resumed, 202)
+
+
+def input_errors(schema: Any, value: Any) -> dict[str, list[str]]:
+    """``{"input.<path>": [messages]}`` for ``value`` against a task's input schema."""
+    if not isinstance(schema, dict):
+        return {}
+    validator_cls = jsonschema.validators.validator_for(
+        schema, default=jsonschema.Draft202012Validator
+    )
+    try:
+        validator_cls.check_schema(schema)
+    except jsonschema.SchemaError:  # the agent's mistake: do not block the human on it
+        return {}
+    errors: dict[str, list[str]] = {}
+    for error in validator_cls(schema).iter_errors(value):
+        parts = ["input", *(str(p) for p in error.absolute_path)]
+        message = error.message
+        if error.validator == "required" and isinstance(error.instance, dict):
+            missing = [p for p in error.validator_value if p not in error.instance]
+            for prop in missing:
+                if error.message.startswith(repr(prop)):
+                    parts.append(str(prop))
+                    message = "Missing data for required field."
+                    break
+        errors.setdefault(".".join(parts), []).append(message)
+    return errors

@@ -1,0 +1,287 @@
+"""The marshmallow schemas of the HTTP API: request validation and, through
+flask-smorest/apispec, the OpenAPI document at ``/openapi.json``.
+
+Request schemas (``*Request``, ``*Query``) validate what clients send; their errors
+become ``422`` problems with ``errors: {dotted.path: [messages]}``. Response schemas
+describe the JSON that :mod:`app.representation` builds; views serialize with that
+module and use these for the document only, so the two cannot drift apart silently:
+the schemathesis test checks every answer against the document.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marshmallow import (
+    INCLUDE,
+    Schema,
+    ValidationError,
+    fields,
+    validate,
+    validates,
+    validates_schema,
+)
+
+from app.lifecycle import Status
+
+MAX_METADATA_KEYS = 32
+MAX_TIMEOUT_SECONDS = 604800
+MAX_URL_LENGTH = 2048
+MAX_AGENT_NAME_LENGTH = 200
+TASK_STATUSES = [s.value for s in Status]
+EVENT_TYPES = [
+    "task.created",
+    "task.started",
+    "task.step.completed",
+    "task.progress",
+    "task.input_required",
+    "task.resumed",
+    "task.retrying",
+    "task.completed",
+    "task.failed",
+    "task.cancelled",
+]
+
+
+# --- requests ---------------------------------------------------------------------------
+
+
+class CreateTaskRequest(Schema):
+    """The body of ``POST /v1/tasks``. Unknown fields are refused (a typo such as
+    ``timeout`` for ``timeout_seconds`` must not be silently ignored)."""
+
+    agent = fields.String(
+        required=True,
+        validate=validate.Length(min=1, max=MAX_AGENT_NAME_LENGTH),
+        metadata={"description": "A registered agent's name.", "example": "echo"},
+    )
+    input = fields.Dict(
+        keys=fields.String(),
+        load_default=dict,
+        metadata={
+            "description": "Validated against the agent's input schema.",
+            "example": {"message": "hello"},
+        },
+    )
+    metadata = fields.Dict(
+        keys=fields.String(),
+        load_default=dict,
+        validate=validate.Length(
+            max=MAX_METADATA_KEYS, error=f"Must have at most {MAX_METADATA_KEYS} keys."
+        ),
+        metadata={"description": f"Stored and returned as is; at most {MAX_METADATA_KEYS} keys."},
+    )
+    webhook_url = fields.String(
+        allow_none=True,
+        load_default=None,
+        validate=validate.Length(min=1, max=MAX_URL_LENGTH),
+        metadata={
+            "description": "http(s) URL that receives signed events; private, loopback, "
+            "link-local, multicast and reserved hosts are refused."
+        },
+    )
+    timeout_seconds = fields.Integer(
+        strict=True,
+        allow_none=True,
+        load_default=None,
+        validate=validate.Range(min=1, max=MAX_TIMEOUT_SECONDS),
+        metadata={"description": "Wall-clock deadline for the whole task."},
+    )
+
+    @validates("agent")
+    def _agent_is_registered(self, value: str, **_: Any) -> None:
+        from app.agents.registry import get_agent
+
+        if get_agent(value) is None:
+            raise ValidationError(f"Unknown agent {value!r}.")
+
+    @validates("webhook_url")
+    def _webhook_url_is_safe(self, value: str | None, **_: Any) -> None:
+        from app import settings as settings_mod
+        from app.urlguard import UnsafeUrl, check_url
+
+        if value is None:
+            return
+        try:
+            check_url(value, allow_private=settings_mod.current().webhook_allow_private)
+        except UnsafeUrl as exc:
+            raise ValidationError(f"Must be a public http(s) URL: {exc}.") from None
+
+    @validates_schema(skip_on_field_errors=True)
+    def _input_matches_agent_schema(self, data: dict[str, Any], **_: Any) -> None:
+        from app.agents.registry import get_agent, validate_input
+
+        agent = get_agent(data["agent"])
+        if agent is None:  # unregistered between the two checks
+            raise ValidationError(f"Unknown agent {data['agent']!r}.", "agent")
+        errors = validate_input(agent, data["input"])
+        if errors:
+            # Already dotted ("input.message"); flattened as they are.
+            raise ValidationError(errors)
+
+
+class SubmitInputRequest(Schema):
+    """The body of ``POST /v1/tasks/{id}/input``."""
+
+    input = fields.Raw(
+        required=True,
+        allow_none=True,
+        metadata={
+            "description": "The answer; validated against the task's input_request.schema.",
+            "example": {"approved": True},
+        },
+    )
+
+
+class ListTasksQuery(Schema):
+    status = fields.String(validate=validate.OneOf(TASK_STATUSES))
+    agent = fields.String(validate=validate.Length(min=1, max=MAX_AGENT_NAME_LENGTH))
+    limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
+    cursor = fields.String(
+        validate=validate.Length(min=1, max=512),
+        metadata={"description": "next_cursor of the previous page (opaque)."},
+    )
+
+
+class GetTaskQuery(Schema):
+    wait = fields.Float(
+        allow_nan=False,
+        validate=validate.Range(min=0, max=30),
+        metadata={
+            "description": "Long poll: answer as soon as the status or step changes, "
+            "or after this many seconds (0 to 30)."
+        },
+    )
+
+
+class ListEventsQuery(Schema):
+    after = fields.Integer(
+        load_default=0,
+        validate=validate.Range(min=0, max=2**31 - 1),
+        metadata={"description": "Only events with seq greater than this."},
+    )
+    limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
+
+
+# --- responses (documentation of app.representation's JSON) ------------------------------
+
+
+class ProgressSchema(Schema):
+    class Meta:
+        unknown = INCLUDE
+
+    current = fields.Raw(allow_none=True)
+    total = fields.Raw(allow_none=True)
+    message = fields.String(allow_none=True)
+
+
+class TaskErrorSchema(Schema):
+    class Meta:
+        unknown = INCLUDE
+
+    type = fields.String(required=True)
+    message = fields.String(required=True)
+
+
+class InputRequestSchema(Schema):
+    class Meta:
+        unknown = INCLUDE
+
+    prompt = fields.String(required=True)
+    schema = fields.Dict(required=True)
+
+
+class TaskSchema(Schema):
+    """The task object of API.md."""
+
+    id = fields.String(required=True, metadata={"example": "tsk_01hq3k..."})
+    object = fields.String(required=True, validate=validate.OneOf(["task"]))
+    agent = fields.String(required=True)
+    status = fields.String(required=True, validate=validate.OneOf(TASK_STATUSES))
+    input = fields.Dict(required=True)
+    metadata = fields.Dict(required=True)
+    step = fields.Integer(required=True, metadata={"description": "Steps checkpointed so far."})
+    progress = fields.Nested(ProgressSchema, required=True, allow_none=True)
+    result = fields.Raw(required=True, allow_none=True)
+    error = fields.Nested(TaskErrorSchema, required=True, allow_none=True)
+    input_request = fields.Nested(InputRequestSchema, required=True, allow_none=True)
+    attempt = fields.Integer(required=True)
+    webhook_url = fields.String(required=True, allow_none=True)
+    created_at = fields.DateTime(required=True)
+    updated_at = fields.DateTime(required=True)
+    started_at = fields.DateTime(required=True, allow_none=True)
+    finished_at = fields.DateTime(required=True, allow_none=True)
+
+
+class TaskPageSchema(Schema):
+    data = fields.List(fields.Nested(TaskSchema), required=True)
+    next_cursor = fields.String(required=True, allow_none=True)
+
+
+class ToolCallSchema(Schema):
+    index = fields.Integer(required=True)
+    name = fields.String(required=True)
+    idempotency_key = fields.String(required=True)
+    status = fields.String(
+        required=True, validate=validate.OneOf(["started", "completed", "failed"])
+    )
+
+
+class StepSchema(Schema):
+    index = fields.Integer(required=True)
+    status = fields.String(required=True, validate=validate.OneOf(["completed"]))
+    started_at = fields.DateTime(required=True)
+    finished_at = fields.DateTime(required=True)
+    tool_calls = fields.List(fields.Nested(ToolCallSchema), required=True)
+
+
+class StepListSchema(Schema):
+    data = fields.List(fields.Nested(StepSchema), required=True)
+
+
+class EventDataSchema(Schema):
+    task = fields.Nested(TaskSchema, required=True)
+
+
+class EventSchema(Schema):
+    id = fields.String(required=True)
+    type = fields.String(required=True, validate=validate.OneOf(EVENT_TYPES))
+    task_id = fields.String(required=True)
+    seq = fields.Integer(required=True)
+    timestamp = fields.DateTime(required=True)
+    data = fields.Nested(EventDataSchema, required=True)
+
+
+class EventPageSchema(Schema):
+    data = fields.List(fields.Nested(EventSchema), required=True)
+    next_cursor = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={"description": "The last returned seq, to pass back as after; null at the end."},
+    )
+
+
+class ProblemSchema(Schema):
+    """An RFC 9457 problem (``application/problem+json``) with a stable ``code``."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    type = fields.String(required=True)
+    title = fields.String(required=True)
+    status = fields.Integer(required=True)
+    detail = fields.String(required=True)
+    code = fields.String(
+        required=True,
+        metadata={
+            "description": "Stable machine-readable code: validation_error, invalid_json, "
+            "invalid_idempotency_key, unsupported_media_type, payload_too_large, "
+            "unauthorized, not_found, idempotency_key_reused, idempotency_key_in_flight, "
+            "task_terminal, task_not_waiting, unavailable, rate_limited, method_not_allowed."
+        },
+    )
+    errors = fields.Dict(
+        keys=fields.String(),
+        values=fields.List(fields.String()),
+        metadata={"description": "Every 422 has it: {field: [messages]}, dotted paths."},
+    )
