@@ -19,7 +19,7 @@ from celery import Celery
 
 from app.processes import ManagedProcess
 from bench import baseline_schema
-from bench.infra import Infra, wait_for
+from bench.infra import Infra, sample_rss, wait_for
 from bench.loadgen import http_request
 
 QUEUE = "bench"
@@ -143,6 +143,27 @@ class CeleryBaseline:
             self.client.send_task("bench.ping", args=[time.time()], queue=QUEUE).get(timeout=30)
             timings.append(time.perf_counter() - t0)
         return timings
+
+    def rss_over_tasks(self, total: int, every: float = 0.5, timeout: float = 600):
+        """Run ``total`` one-step raw tasks; ``(tasks completed, worker RSS)`` samples."""
+        assert self.worker is not None
+        self.redis.delete(baseline_schema.DONE_KEY)
+
+        def send_all() -> None:
+            with self.client.producer_or_acquire() as producer:
+                for i in range(total):
+                    self.client.send_task(
+                        "bench.raw_step", args=[f"r{i}", 0, 1], queue=QUEUE, producer=producer
+                    )
+
+        return sample_rss(
+            self.worker,
+            lambda: self.redis.llen(baseline_schema.DONE_KEY),
+            send_all,
+            total,
+            every,
+            timeout,
+        )
 
     def close(self) -> None:
         self.stop_worker()

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import psutil
@@ -215,3 +216,32 @@ def group_rss_bytes(proc: ManagedProcess) -> int:
         except psutil.NoSuchProcess:
             pass
     return total
+
+
+def sample_rss(
+    proc: ManagedProcess,
+    completed: Callable[[], int],
+    load: Callable[[], object],
+    total: int,
+    every: float,
+    timeout: float,
+) -> list[tuple[int, int]]:
+    """Run ``load()`` while sampling ``(completed(), RSS of proc's group)`` every
+    ``every`` seconds, until ``completed()`` reaches ``total``."""
+    samples: list[tuple[int, int]] = [(completed(), group_rss_bytes(proc))]
+    stop = threading.Event()
+
+    def sampler() -> None:
+        while not stop.wait(every):
+            samples.append((completed(), group_rss_bytes(proc)))
+
+    thread = threading.Thread(target=sampler, daemon=True)
+    thread.start()
+    try:
+        load()
+        wait_for(lambda: completed() >= total, timeout, f"{total} tasks to complete", 0.2)
+    finally:
+        stop.set()
+        thread.join()
+    samples.append((completed(), group_rss_bytes(proc)))
+    return samples

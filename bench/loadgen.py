@@ -118,6 +118,7 @@ async def _run(
     connections: int,
     duration: float,
     warmup: float,
+    max_requests: int | None,
 ) -> LoadResult:
     result = LoadResult(connections=connections, duration=duration)
     start = time.perf_counter()
@@ -130,7 +131,10 @@ async def _run(
         while True:
             if writer is None:
                 reader, writer = await asyncio.open_connection(host, port)
-            data = make_request(next(counter))
+            i = next(counter)
+            if max_requests is not None and i >= max_requests:
+                break
+            data = make_request(i)
             t0 = time.perf_counter()
             if t0 >= deadline:
                 break
@@ -166,8 +170,10 @@ def run_load(
     connections: int,
     duration: float,
     warmup: float = 1.0,
+    max_requests: int | None = None,
     host: str = "127.0.0.1",
 ) -> LoadResult:
     """Load ``host:port`` with ``connections`` closed-loop connections for ``duration``
-    seconds after ``warmup`` seconds; every request comes from ``make_request(i)``."""
-    return asyncio.run(_run(host, port, make_request, connections, duration, warmup))
+    seconds after ``warmup`` seconds (or until ``max_requests`` were sent); every
+    request comes from ``make_request(i)``."""
+    return asyncio.run(_run(host, port, make_request, connections, duration, warmup, max_requests))

@@ -1,0 +1,366 @@
+"""The benchmark's tables (markdown, as docs/benchmarks.md shows them) and plots."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+from bench.stats import fmt, median, percentile, ratio
+
+NAMES = {
+    "outlast": "Outlast (echo)",
+    "raw_celery": "raw Celery",
+    "pg_checkpoint": "hand-rolled PG checkpoint",
+    "dbos": "DBOS Transact",
+    "noop": "`return 202`",
+    "naive": "naive insert + .delay()",
+}
+
+
+def machine_meta() -> dict:
+    """The machine and the moment: nproc, memory, CPU model, date, commit."""
+
+    def run(*argv: str) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_total = ""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_total = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    except OSError:
+        pass
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": os.cpu_count(),
+        "memory": mem_total,
+        "cpu": cpu,
+        "loadavg_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "commit": run("git", "rev-parse", "--short", "HEAD"),
+    }
+
+
+def _col(runs: list[dict], key: str) -> list[float]:
+    return [r[key] for r in runs]
+
+
+def _pass(ok: bool | None) -> str:
+    if ok is None:
+        return "n/a"
+    return "met" if ok else "**missed**"
+
+
+def render(results: dict) -> str:
+    """The run's report in markdown."""
+    out: list[str] = []
+    meta = results["meta"]
+    out.append(
+        f"Run of {meta['date']} on {meta['nproc']} cores ({meta['cpu']}), {meta['memory']}, "
+        f"load average at start {', '.join(f'{x:.2f}' for x in meta['loadavg_at_start'])}; "
+        f"commit {meta['commit']}; size `{meta.get('size', '?')}`."
+    )
+    if results.get("outlast_skipped"):
+        out.append(f"\nOutlast not measured: {results['outlast_skipped']}")
+    goals: list[tuple[str, str, str]] = []
+
+    steps = results.get("steps")
+    if steps:
+        size = results["size"]
+        out.append(
+            f"\n### Step throughput and per-step latency\n\n"
+            f"{size['chains']} concurrent chains/tasks of {size['steps']} trivial steps, "
+            f"{size['rounds']} rounds alternating the contenders; one worker with two "
+            f"processes each (Celery prefork concurrency 2; DBOS: two processes). "
+            f"Medians over rounds.\n"
+        )
+        out.append(
+            "| contender | steps/s (many) | ms per step (one alone) | "
+            "throughput vs raw Celery | vs DBOS | latency vs raw Celery |"
+        )
+        out.append("|---|---:|---:|---:|---:|---:|")
+        tput = {c: median(_col(runs, "steps_per_s")) for c, runs in steps["many"].items()}
+        lat = {c: median(_col(runs, "ms_per_step")) for c, runs in steps["alone"].items()}
+        for c in steps["many"]:
+            out.append(
+                f"| {NAMES[c]} | {fmt(tput[c])} | {fmt(lat[c], 2)} | "
+                f"{fmt(ratio(tput[c], tput.get('raw_celery', math.nan)), 2)}x | "
+                f"{fmt(ratio(tput[c], tput.get('dbos', math.nan)), 2)}x | "
+                f"{fmt(ratio(lat[c], lat.get('raw_celery', math.nan)), 2)}x |"
+            )
+        if "outlast" in tput:
+            r_raw = ratio(tput["outlast"], tput["raw_celery"])
+            r_dbos = ratio(tput["outlast"], tput["dbos"])
+            goals.append(
+                ("step throughput >= 0.75x raw Celery", f"{r_raw:.2f}x", _pass(r_raw >= 0.75))
+            )
+            goals.append(("step throughput >= 1.5x DBOS", f"{r_dbos:.2f}x", _pass(r_dbos >= 1.5)))
+
+    submit = results.get("submit")
+    if submit:
+        size = results["size"]
+        out.append(
+            f"\n### Submission\n\ngunicorn gthread 2 workers x 4 threads for every endpoint, "
+            f"closed-loop keep-alive connections, {size['submit_seconds']:.0f} s measured after "
+            f"{size['submit_warmup']:.0f} s warm-up, {size['submit_rounds']} rounds; no worker "
+            f"consumes meanwhile. Medians over rounds.\n"
+        )
+        out.append(
+            "| endpoint | connections | requests/s | p50 ms | p99 ms | rps vs naive | "
+            "p99 vs naive | load generator CPU |"
+        )
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for conns, by_name in submit.items():
+            rps = {n: median(_col(runs, "rps")) for n, runs in by_name.items()}
+            p99 = {n: median(_col(runs, "p99_ms")) for n, runs in by_name.items()}
+            for name, runs in by_name.items():
+                cpu_share = median(
+                    [r["loadgen_cpu_s"] / (r["requests"] / r["rps"]) for r in runs if r["rps"]]
+                )
+                bad = sum(sum(v for k, v in r["statuses"].items() if int(k) >= 300) for r in runs)
+                note = f" ({bad} non-2xx)" if bad else ""
+                out.append(
+                    f"| {NAMES[name]}{note} | {conns} | {fmt(rps[name])} | "
+                    f"{fmt(median(_col(runs, 'p50_ms')))} | {fmt(p99[name])} | "
+                    f"{fmt(ratio(rps[name], rps.get('naive', math.nan)), 2)}x | "
+                    f"{fmt(ratio(p99[name], p99.get('naive', math.nan)), 2)}x | "
+                    f"{cpu_share * 100:.0f}% of a core |"
+                )
+            if "outlast" in rps:
+                r = ratio(rps["outlast"], rps["naive"])
+                goals.append(
+                    (f"submission rps >= 1.0x naive at {conns} conns", f"{r:.2f}x", _pass(r >= 1.0))
+                )
+                if conns == "16":
+                    q = ratio(p99["outlast"], p99["naive"])
+                    goals.append(
+                        ("submission p99 <= naive at 16 conns", f"{q:.2f}x", _pass(q <= 1.0))
+                    )
+
+    latency = results.get("latency")
+    if latency:
+        out.append(
+            "\n### One-step end-to-end latency\n\nOutlast: `POST /v1/tasks` (echo, 1 step) "
+            "then `GET /v1/tasks/{id}?wait=30` until the client sees `completed`. Raw Celery: "
+            "`.delay().get()` of a task that returns at once (Redis result backend). "
+            "Samples interleaved.\n"
+        )
+        out.append("| path | samples | p50 ms | p90 ms | p99 ms | p50 vs raw Celery |")
+        out.append("|---|---:|---:|---:|---:|---:|")
+        base = percentile(latency["raw_celery"], 50)
+        for name, samples in latency.items():
+            p50 = percentile(samples, 50)
+            out.append(
+                f"| {NAMES[name]} | {len(samples)} | {fmt(p50 * 1000, 2)} | "
+                f"{fmt(percentile(samples, 90) * 1000, 2)} | "
+                f"{fmt(percentile(samples, 99) * 1000, 2)} | {fmt(ratio(p50, base), 2)}x |"
+            )
+        if "outlast" in latency:
+            r = ratio(percentile(latency["outlast"], 50), base)
+            goals.append(
+                ("one-step e2e p50 <= 3x raw Celery round trip", f"{r:.2f}x", _pass(r <= 3))
+            )
+
+    recovery = results.get("recovery")
+    if recovery and recovery["runs"]:
+        bound = recovery["lease_seconds"] + recovery["reaper_interval_seconds"] + 1
+        out.append(
+            f"\n### Recovery after SIGKILL\n\nA worker running an echo task (0.5 s steps) is "
+            f"SIGKILLed mid-step while a second worker idles; lease "
+            f"{recovery['lease_seconds']:.0f} s, reaper interval "
+            f"{recovery['reaper_interval_seconds']:.0f} s. Time from the kill to the "
+            f"interrupted step's checkpoint.\n"
+        )
+        out.append(
+            "| run | step | seconds to next checkpoint | attempt | within lease + reaper + 1 s |"
+        )
+        out.append("|---:|---:|---:|---|---|")
+        worst = 0.0
+        for i, run in enumerate(recovery["runs"], 1):
+            worst = max(worst, run["next_checkpoint_after"])
+            out.append(
+                f"| {i} | {run['step']} | {run['next_checkpoint_after']:.2f} | "
+                f"{run['attempt_before']} -> {run['attempt_after']} | "
+                f"{_pass(run['next_checkpoint_after'] <= bound)} |"
+            )
+        goals.append(
+            (f"recovery within {bound:.0f} s", f"worst {worst:.2f} s", _pass(worst <= bound))
+        )
+
+    rss = results.get("rss")
+    if rss:
+        out.append(
+            "\n### Worker memory\n\nResident memory of the worker (main process and pool "
+            "children) while it runs one-step tasks.\n"
+        )
+        out.append("| worker | tasks | RSS at start MiB | RSS at end MiB | growth MiB |")
+        out.append("|---|---:|---:|---:|---:|")
+        for name, samples in rss.items():
+            start, end = samples[0][1] / 2**20, samples[-1][1] / 2**20
+            out.append(
+                f"| {NAMES[name]} | {samples[-1][0]} | {start:.0f} | {end:.0f} | {end - start:+.0f} |"
+            )
+
+    scale = results.get("scale")
+    if scale:
+        out.append(render_scale(scale, goals))
+
+    if goals:
+        out.append("\n### Goals (same-run ratios)\n")
+        out.append("| goal | measured | |")
+        out.append("|---|---:|---|")
+        for goal, value, verdict in goals:
+            out.append(f"| {goal} | {value} | {verdict} |")
+    return "\n".join(out) + "\n"
+
+
+def render_scale(scale: dict, goals: list | None = None) -> str:
+    """The read-latency-at-scale table."""
+    out = [
+        f"\n### Reads at scale\n\n{scale['connections']} closed-loop connections, "
+        f"{scale['seconds']:.0f} s per endpoint and size, sizes alternated. p50/p99 in ms.\n"
+    ]
+    sizes = list(scale["sizes"])
+    header = "| endpoint | " + " | ".join(
+        f"{s['tasks']:,} tasks / {s['events']:,} events p50 | p99" for s in scale["sizes"].values()
+    )
+    out.append(header + " | p99 ratio |")
+    out.append("|---|" + "---:|---:|" * len(sizes) + "---:|")
+    for endpoint in scale["endpoints"]:
+        cells = []
+        p99s = []
+        for size in sizes:
+            runs = scale["sizes"][size]["results"][endpoint]
+            p50 = median(_col(runs, "p50_ms"))
+            p99 = median(_col(runs, "p99_ms"))
+            p99s.append(p99)
+            cells.append(f"{fmt(p50, 2)} | {fmt(p99, 2)}")
+        r = ratio(p99s[-1], p99s[0])
+        out.append(f"| `{endpoint}` | " + " | ".join(cells) + f" | {fmt(r, 2)}x |")
+        if goals is not None:
+            goals.append((f"`{endpoint}` p99 flat (within 2x)", f"{r:.2f}x", _pass(r <= 2)))
+    return "\n".join(out)
+
+
+def plot(results: dict, out_dir: Path) -> list[Path]:
+    """PNG plots of the run into ``out_dir``; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths: list[Path] = []
+    colors = {
+        "outlast": "#2b6cb0",
+        "raw_celery": "#718096",
+        "pg_checkpoint": "#d69e2e",
+        "dbos": "#38a169",
+        "noop": "#a0aec0",
+        "naive": "#dd6b20",
+    }
+    steps = results.get("steps")
+    if steps:
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+        names = list(steps["many"])
+        for ax, key, runs_by, title in (
+            (a, "steps_per_s", steps["many"], "steps/s, concurrent chains (higher is better)"),
+            (b, "ms_per_step", steps["alone"], "ms per step, one chain alone (lower is better)"),
+        ):
+            values = [median(_col(runs_by[n], key)) for n in names]
+            ax.bar(range(len(names)), values, color=[colors[n] for n in names])
+            for i, n in enumerate(names):
+                ax.scatter(
+                    [i] * len(runs_by[n]), _col(runs_by[n], key), color="black", s=8, zorder=3
+                )
+            ax.set_xticks(
+                range(len(names)),
+                [NAMES[n].replace("hand-rolled ", "") for n in names],
+                rotation=15,
+            )
+            ax.set_title(title, fontsize=10)
+        fig.tight_layout()
+        paths.append(out_dir / "bench_steps.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    submit = results.get("submit")
+    if submit:
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+        conns = list(submit)
+        names = list(submit[conns[0]])
+        width = 0.8 / len(names)
+        for j, name in enumerate(names):
+            xs = [i + j * width for i in range(len(conns))]
+            a.bar(
+                xs,
+                [median(_col(submit[c][name], "rps")) for c in conns],
+                width,
+                label=NAMES[name],
+                color=colors[name],
+            )
+            b.bar(
+                xs,
+                [median(_col(submit[c][name], "p99_ms")) for c in conns],
+                width,
+                label=NAMES[name],
+                color=colors[name],
+            )
+        for ax, title in ((a, "requests/s (higher is better)"), (b, "p99 ms (lower is better)")):
+            ax.set_xticks(
+                [i + width * (len(names) - 1) / 2 for i in range(len(conns))],
+                [f"{c} connections" for c in conns],
+            )
+            ax.set_title(title, fontsize=10)
+        a.set_yscale("log")
+        a.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out_dir / "bench_submission.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    latency = results.get("latency")
+    rss = results.get("rss")
+    if latency or rss:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        if latency:
+            ax = axes[0]
+            for name, samples in latency.items():
+                xs = sorted(s * 1000 for s in samples)
+                ys = [(i + 1) / len(xs) for i in range(len(xs))]
+                ax.plot(xs, ys, label=NAMES[name], color=colors[name])
+            ax.set_xscale("log")
+            ax.set_xlabel("ms")
+            ax.set_title("one-step end-to-end latency (CDF)", fontsize=10)
+            ax.legend(fontsize=8)
+        if rss:
+            ax = axes[1]
+            for name, samples in rss.items():
+                ax.plot(
+                    [s[0] for s in samples],
+                    [s[1] / 2**20 for s in samples],
+                    label=NAMES[name],
+                    color=colors[name],
+                )
+            ax.set_xlabel("tasks completed")
+            ax.set_ylabel("worker RSS, MiB")
+            ax.set_ylim(bottom=0)
+            ax.set_title("worker memory across tasks", fontsize=10)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out_dir / "bench_latency_rss.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,321 @@
+"""``python -m bench.run [--size smoke|small|full] [--only SECTIONS]``: every
+measurement beside its baseline, alternating them round by round, with same-run ratios.
+
+Sections (in this order): ``steps`` (step throughput and per-step latency), ``submit``
+(submission throughput and p50/p99 at 2 and 16 connections), ``latency`` (one-step
+end-to-end vs a raw Celery round trip), ``recovery`` (SIGKILL of a busy worker to the
+next checkpoint), ``rss`` (worker memory across many tasks). ``python -m bench.run
+scale`` runs the read-latency-at-scale measurement (bench/scale.py) on its own, and
+``python -m bench.run profile`` profiles the step hot path (bench/profile.py).
+
+With no DATABASE_URL / REDIS_URL it starts an embedded PostgreSQL and Redis in a
+temporary directory; everything it starts is stopped at the end. Results go to
+``bench/results/<time>/`` (results.json, report.md, plots).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import report
+from bench.baselines import CeleryBaseline, DBOSBaseline, NaiveWeb
+from bench.infra import ROOT, Infra
+from bench.loadgen import run_load
+
+SECTIONS = ("steps", "submit", "latency", "recovery", "rss")
+
+
+@dataclass(frozen=True)
+class Size:
+    rounds: int
+    chains: int
+    steps: int
+    alone_repeats: int  # runs of one chain alone per round
+    submit_seconds: float
+    submit_warmup: float
+    submit_rounds: int
+    latency_samples: int
+    recovery_repeats: int
+    rss_tasks: int
+
+
+SIZES = {
+    # A few seconds: the harness itself (tests/bench).
+    "smoke": Size(1, 3, 3, 1, 0.5, 0.2, 1, 3, 1, 30),
+    # A quick look while developing.
+    "small": Size(1, 10, 20, 2, 2.0, 0.5, 1, 20, 1, 500),
+    # The issue's sizes (make bench): about eight minutes on 2 cores.
+    "full": Size(3, 50, 20, 3, 5.0, 1.0, 2, 100, 3, 10_000),
+}
+
+# Recovery runs with a short lease so that it fits the run (the goal is relative).
+RECOVERY_ENV = {"OUTLAST_LEASE_SECONDS": "5", "OUTLAST_REAPER_INTERVAL_SECONDS": "1"}
+
+
+def rotate(items: list, n: int) -> list:
+    """``items`` started at position ``n``: each round puts another contender first."""
+    n %= len(items)
+    return items[n:] + items[:n]
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class Run:
+    """One benchmark run: the contenders, their processes, and the results."""
+
+    def __init__(self, size: Size, sections: tuple[str, ...], outlast: bool):
+        self.size = size
+        self.sections = sections
+        self.want_outlast = outlast
+        self.results: dict = {"meta": report.machine_meta(), "size": size.__dict__}
+        self.infra = Infra(keep_logs=True)
+        self.outlast = None
+        self.celery: CeleryBaseline | None = None
+        self.dbos: DBOSBaseline | None = None
+        self.failed = False
+
+    # --- set-up ---------------------------------------------------------------------------
+
+    def start_outlast(self) -> None:
+        """Outlast's stack, checked with one echo task; skipped (and said so) if the
+        engine or the API cannot run a task yet."""
+        if not self.want_outlast:
+            self.results["outlast_skipped"] = "--no-outlast"
+            return
+        from bench.outlast_side import OutlastStack
+
+        try:
+            stack = OutlastStack(self.infra)
+            self.outlast = stack
+            stack.start_web()
+            stack.start_worker()
+            stack.start_beat()
+            task_id = stack.submit({"message": "hello", "steps": 2})
+            stack.wait_completed_via_long_poll(task_id, timeout=30)
+            stack.reset()
+        except Exception as exc:
+            detail = "".join(traceback.format_exception_only(exc)).strip()
+            log(f"Outlast cannot run a task here yet; measuring baselines only: {detail}")
+            self.results["outlast_skipped"] = detail
+            if self.outlast is not None:
+                self.outlast.stop_workers()
+                if self.outlast.web is not None:
+                    self.infra.stop(self.outlast.web)
+            self.outlast = None
+
+    # --- sections -------------------------------------------------------------------------
+
+    def section_steps(self) -> None:
+        s = self.size
+        contenders = ["raw_celery", "pg_checkpoint", "dbos"]
+        if self.outlast is not None:
+            contenders.insert(0, "outlast")
+        if self.outlast is not None and not self.outlast.workers:
+            self.outlast.start_worker()
+            self.outlast.start_beat()
+        self.celery.start_worker()
+        many: dict[str, list] = {c: [] for c in contenders}
+        alone: dict[str, list] = {c: [] for c in contenders}
+        half = max(1, s.chains // 2)
+        for r in range(s.rounds):
+            for contender in rotate(contenders, r):
+                log(f"steps round {r + 1}/{s.rounds}: {contender}")
+                if contender == "raw_celery":
+                    self.celery.reset()
+                    run = lambda n: self.celery.run_chains("bench.raw_step", n, s.steps)  # noqa: E731
+                elif contender == "pg_checkpoint":
+                    self.celery.reset()
+                    run = lambda n: self.celery.run_chains("bench.pg_step", n, s.steps)  # noqa: E731
+                elif contender == "dbos":
+                    # Two processes, as Outlast's worker has two pool processes.
+                    run = lambda n: (  # noqa: E731
+                        self.dbos.run(2, half, s.steps) if n > 1 else self.dbos.run(1, 1, s.steps)
+                    )
+                else:
+                    self.outlast.reset()
+                    run = lambda n: self.outlast.run_tasks(n, s.steps)  # noqa: E731
+                many[contender].append(run(s.chains if contender != "dbos" else 2 * half).as_dict())
+                for _ in range(s.alone_repeats):
+                    alone[contender].append(run(1).as_dict())
+        self.celery.stop_worker()
+        self.results["steps"] = {"many": many, "alone": alone}
+
+    def section_submit(self) -> None:
+        s = self.size
+        if self.outlast is not None:
+            self.outlast.stop_workers()  # nothing consumes: only the web side is measured
+        web = NaiveWeb(self.celery)
+        contenders = {"noop": web.noop_request, "naive": web.naive_request}
+        if self.outlast is not None:
+            contenders["outlast"] = self.outlast.submit_request
+        names = list(contenders)
+        results: dict[str, dict[str, list]] = {}
+        try:
+            for r in range(s.submit_rounds):
+                for connections in (2, 16):
+                    for name in rotate(names, r + connections):
+                        log(f"submit round {r + 1}/{s.submit_rounds}: {name} x{connections}")
+                        port = self.outlast.port if name == "outlast" else web.port
+                        result = run_load(
+                            port,
+                            contenders[name],
+                            connections=connections,
+                            duration=s.submit_seconds,
+                            warmup=s.submit_warmup,
+                        )
+                        results.setdefault(str(connections), {}).setdefault(name, []).append(
+                            result.as_dict()
+                        )
+        finally:
+            web.stop()
+        self.celery.reset()
+        if self.outlast is not None:
+            self.outlast.reset()
+        self.results["submit"] = results
+
+    def section_latency(self) -> None:
+        s = self.size
+        self.celery.start_worker()
+        samples: dict[str, list[float]] = {"raw_celery": []}
+        if self.outlast is not None:
+            samples["outlast"] = []
+            if not self.outlast.workers:
+                self.outlast.start_worker()
+                self.outlast.start_beat()
+        # Warm both paths (connections, imports) outside the timings.
+        self.celery.round_trips(3)
+        if self.outlast is not None:
+            self.outlast.one_step_latencies(3)
+        log(f"latency: {s.latency_samples} samples each, interleaved")
+        for _ in range(s.latency_samples):
+            samples["raw_celery"] += self.celery.round_trips(1)
+            if self.outlast is not None:
+                samples["outlast"] += self.outlast.one_step_latencies(1)
+        self.celery.stop_worker()
+        self.results["latency"] = samples
+
+    def section_recovery(self) -> None:
+        if self.outlast is None:
+            return
+        stack = self.outlast
+        stack.stop_workers()
+        stack.reset()
+        stack.start_worker(RECOVERY_ENV)
+        stack.start_beat(RECOVERY_ENV)
+        runs = []
+        for i in range(self.size.recovery_repeats):
+            log(f"recovery {i + 1}/{self.size.recovery_repeats}")
+            runs.append(stack.recover_once(worker_env=RECOVERY_ENV).as_dict())
+        stack.stop_workers()
+        stack.reset()
+        self.results["recovery"] = {
+            "lease_seconds": float(RECOVERY_ENV["OUTLAST_LEASE_SECONDS"]),
+            "reaper_interval_seconds": float(RECOVERY_ENV["OUTLAST_REAPER_INTERVAL_SECONDS"]),
+            "runs": runs,
+        }
+
+    def section_rss(self) -> None:
+        total = self.size.rss_tasks
+        rss: dict[str, list] = {}
+        if self.outlast is not None:
+            stack = self.outlast
+            stack.stop_workers()
+            stack.reset()
+            stack.start_worker()
+            stack.start_beat()
+            log(f"rss: {total} Outlast tasks")
+            rss["outlast"] = stack.rss_over_tasks(total)
+            stack.stop_workers()
+            stack.reset()
+        self.celery.reset()
+        self.celery.start_worker()
+        log(f"rss: {total} raw Celery tasks")
+        rss["raw_celery"] = self.celery.rss_over_tasks(total)
+        self.celery.stop_worker()
+        self.results["rss"] = rss
+
+    # --- the whole run --------------------------------------------------------------------
+
+    def run(self) -> dict:
+        started = time.monotonic()
+        try:
+            self.celery = CeleryBaseline(self.infra)
+            if "steps" in self.sections:
+                self.dbos = DBOSBaseline(self.infra)
+            self.start_outlast()
+            for section in SECTIONS:
+                if section in self.sections:
+                    t0 = time.monotonic()
+                    getattr(self, f"section_{section}")()
+                    log(f"{section} took {time.monotonic() - t0:.0f}s")
+        except BaseException:
+            self.failed = True
+            log(f"benchmark failed; process logs kept in {self.infra.log_dir}")
+            raise
+        finally:
+            if self.outlast is not None:
+                self.outlast.close()
+            if self.celery is not None:
+                self.celery.close()
+            self.infra.keep_logs = self.failed
+            self.infra.close()
+        self.results["meta"]["seconds"] = time.monotonic() - started
+        return self.results
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "scale":
+        from bench import scale
+
+        return scale.main(argv[1:])
+    if argv and argv[0] == "profile":
+        from bench import profile
+
+        return profile.main(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument(
+        "--only", default=",".join(SECTIONS), help=f"comma-separated: {','.join(SECTIONS)}"
+    )
+    parser.add_argument("--no-outlast", action="store_true", help="measure the baselines only")
+    parser.add_argument(
+        "--out", default=None, help="results directory (default bench/results/<time>)"
+    )
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    sections = tuple(x.strip() for x in args.only.split(",") if x.strip())
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    out = (
+        Path(args.out)
+        if args.out
+        else ROOT / "bench" / "results" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    )
+    results = Run(SIZES[args.size], sections, outlast=not args.no_outlast).run()
+    results["meta"]["command"] = "python -m bench.run " + " ".join(argv)
+    results["meta"]["size"] = args.size
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    text = report.render(results)
+    (out / "report.md").write_text(text)
+    print(text)
+    if not args.no_plots:
+        for path in report.plot(results, out):
+            log(f"plot: {path}")
+    log(f"results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
