@@ -33,7 +33,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from sqlalchemy.engine import Connection, RowMapping
 
-from app import db, db_errors, ids, lifecycle, outbox
+from app import db, db_errors, ids, lifecycle, logs, outbox
 from app import settings as settings_mod
 from app.agents.context import StepContext, is_transient
 from app.agents.registry import get_agent
@@ -151,6 +151,7 @@ def run_step(task_id: str, step: int) -> str:
     if task is None:
         log.info("step %d of %s is not runnable by this message; dropped", step, task_id)
         return "skipped"
+    logs.bind(agent=task["agent"], attempt=task["attempt"])  # on every line of this step
     started_at = datetime.now(UTC)
     deadline_at = task["deadline_at"]
     if deadline_at is not None and started_at >= deadline_at:
@@ -197,7 +198,7 @@ def run_step(task_id: str, step: int) -> str:
             if keeper.lost.is_set():
                 return "discarded"  # a cancel or deadline got there first; late errors are moot
             if is_transient(exc):
-                return _retry_or_fail(task_id, step, token, task["step_retries"], exc, cfg)
+                return _retry_or_fail(task_id, step, token, exc, cfg)
             log.exception("step %d of %s raised", step, task_id)
             return _finish_failed(task_id, token, "agent_error", _describe(exc))
         if keeper.lost.is_set():
@@ -241,13 +242,12 @@ def _finish_failed(task_id: str, token: str, error_type: str, message: str) -> s
 
 
 def _retry_or_fail(
-    task_id: str,
-    step: int,
-    token: str,
-    retries_done: int,
-    exc: BaseException,
-    cfg: settings_mod.Settings,
+    task_id: str, step: int, token: str, exc: BaseException, cfg: settings_mod.Settings
 ) -> str:
+    with db.engine().connect() as conn:
+        retries_done = conn.execute(
+            sa.text("SELECT step_retries FROM tasks WHERE id = :id"), {"id": task_id}
+        ).scalar_one()
     if retries_done >= cfg.step_retries:
         return _finish_failed(
             task_id,

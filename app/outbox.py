@@ -75,7 +75,9 @@ def add_step(conn: Connection, task_id: str, step: int) -> int:
 def _send(task_name: str, queue: str, args: list[Any]) -> None:
     from workers.celery_app import celery
 
-    celery().send_task(task_name, args=args, queue=queue)
+    # ignore_result: no result-backend subscription per message (it would leak in the web
+    # process, and with Redis down it retries for ~20 s before the publish even starts).
+    celery().send_task(task_name, args=args, queue=queue, ignore_result=True)
 
 
 def publish(messages: Iterable[PendingMessage]) -> int:

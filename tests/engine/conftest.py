@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from app import db, lifecycle, outbox
+from tests.engine.servers import LocalServer, json_answer
 from tests.harness import wait_until
 
 
@@ -64,10 +65,29 @@ class Tasks:
     def event_types(self, task_id: str) -> list[str]:
         return [
             r["type"]
-            for r in self.rows("SELECT type FROM events WHERE task_id = :id ORDER BY seq", id=task_id)
+            for r in self.rows(
+                "SELECT type FROM events WHERE task_id = :id ORDER BY seq", id=task_id
+            )
         ]
 
 
 @pytest.fixture
 def tasks(tenant) -> Tasks:
     return Tasks(tenant.tenant_id)
+
+
+TEST_AGENTS = "tests.engine.agents_for_tests"
+
+
+@pytest.fixture
+def env(env: dict[str, str]) -> dict[str, str]:
+    """The engine tests' agents are importable by every process the test starts."""
+    return {**env, "OUTLAST_AGENTS": TEST_AGENTS, "OUTLAST_STEP_RETRY_BASE_SECONDS": "0.2"}
+
+
+@pytest.fixture
+def ledger():
+    """A callee that answers every request 200 with ``{"ok": true}`` and counts them."""
+    server = LocalServer(lambda r: json_answer(200, {"ok": True}))
+    yield server
+    server.close()
