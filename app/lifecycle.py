@@ -22,7 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
-from app import ids, outbox
+from app import ids, metrics, outbox
 from app.representation import TASK_COLUMNS, task_json
 
 NOTIFY_CHANNEL = "outlast_task"
@@ -112,6 +112,7 @@ def append_event(conn: Connection, task: Mapping[str, Any], event_type: str) -> 
         # Sent right after the commit; the beat's webhook sweep covers a lost message.
         outbox.add(conn, outbox.DELIVER_WEBHOOK, [delivery_id], queue=outbox.WEBHOOKS_QUEUE)
     conn.execute(sa.text("SELECT pg_notify(:ch, :id)"), {"ch": NOTIFY_CHANNEL, "id": task["id"]})
+    metrics.note_task_event(conn, event_type, task)  # counted once the transaction commits
     return dict(row)
 
 
@@ -438,6 +439,7 @@ def reclaim_expired_lease(
     )
     if row is not None:
         append_event(conn, row, "task.retrying")
+        metrics.note_after_commit(conn, metrics.lease_reaped, "retried")
         return "retried", row
     row = _update(
         conn,
@@ -458,6 +460,7 @@ def reclaim_expired_lease(
     )
     if row is not None:
         append_event(conn, row, "task.failed")
+        metrics.note_after_commit(conn, metrics.lease_reaped, "failed")
         return "failed", row
     return None
 

@@ -1,27 +1,219 @@
-"""Logging: one JSON object per line (or plain text for a terminal)."""
+"""Logging: one JSON object per line (or plain text for a terminal), with context.
+
+Every line carries the fields bound in the current context (a ``contextvars`` dict, so
+each thread and each request or Celery task has its own):
+
+- worker lines: ``task_id`` and ``step`` (bound from a ``outlast.run_step`` message by the
+  ``task_prerun`` signal), ``agent`` and ``attempt`` (bound by the step runner once it has
+  loaded the task: :func:`bind`), ``celery_task`` and ``celery_id`` on every task;
+- web lines: ``request_id`` (the caller's ``X-Request-Id`` when it is sane, else a new
+  one; returned as ``X-Request-Id``), and the access line of every request with method,
+  path, status and duration (gunicorn's access log through :class:`GunicornLogger`).
+"""
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import re
 import sys
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from types import MappingProxyType
+from typing import Any
 
 from app.settings import Settings
 
+_context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "outlast_log_context", default=MappingProxyType({})
+)
 
-def configure(settings: Settings) -> None:
-    """Configure the root logger for this process from ``settings``."""
-    handler = logging.StreamHandler(sys.stderr)
+REQUEST_ID_HEADER = "X-Request-Id"
+# Accept a caller's (or Heroku router's) request id only if it is short and plain.
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s"
+_RENAME = {"asctime": "time", "levelname": "level", "name": "logger"}
+
+
+# --- the context ----------------------------------------------------------------------------
+
+
+def bind(**fields: Any) -> None:
+    """Add ``fields`` to every log line of the current context (task, request, thread).
+
+    ``None`` values are left out. The step runner calls
+    ``logs.bind(agent=..., attempt=...)`` after loading the task.
+    """
+    current = dict(_context.get())
+    current.update({k: v for k, v in fields.items() if v is not None})
+    _context.set(current)
+
+
+def clear() -> None:
+    """Forget every bound field (end of a task or a request)."""
+    _context.set({})
+
+
+def current_context() -> dict[str, Any]:
+    """The fields bound now (a copy)."""
+    return dict(_context.get())
+
+
+@contextmanager
+def context(**fields: Any) -> Iterator[None]:
+    """Bind ``fields`` for the duration of a ``with`` block, then restore the previous ones."""
+    token = _context.set({**_context.get(), **{k: v for k, v in fields.items() if v is not None}})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+class ContextFilter(logging.Filter):
+    """Copies the bound fields onto each record (the JSON formatter emits them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in _context.get().items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
+
+
+def _formatter(settings: Settings) -> logging.Formatter:
     if settings.log_format == "json":
         from pythonjsonlogger.json import JsonFormatter
 
-        handler.setFormatter(
-            JsonFormatter(
-                "%(asctime)s %(levelname)s %(name)s %(message)s",
-                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
-            )
-        )
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        return JsonFormatter(_FIELDS, rename_fields=_RENAME)
+    return _TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class _TextFormatter(logging.Formatter):
+    """Plain lines for a terminal, with the bound fields appended as key=value."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extra = " ".join(f"{k}={v}" for k, v in _context.get().items())
+        return f"{line} [{extra}]" if extra else line
+
+
+def configure(settings: Settings) -> None:
+    """Configure the root logger for this process from ``settings``.
+
+    Also connects the Celery signals that bind a task's fields (harmless in processes
+    that run no tasks).
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_formatter(settings))
+    handler.addFilter(ContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
+    _connect_celery_signals()
+
+
+# --- Celery: a task's fields on every line it logs ----------------------------------------------
+
+RUN_STEP = "outlast.run_step"
+
+
+def _task_prerun(task_id: str | None = None, task: Any = None, args: Any = None, **_: Any) -> None:
+    clear()
+    name = getattr(task, "name", None)
+    bind(celery_task=name, celery_id=task_id)
+    # outlast.run_step(task_id, step): the ids are in the message itself.
+    if name == RUN_STEP and isinstance(args, list | tuple) and len(args) >= 2:
+        bind(task_id=args[0], step=args[1])
+
+
+def _task_postrun(**_: Any) -> None:
+    clear()
+
+
+def _connect_celery_signals() -> None:
+    from celery.signals import task_postrun, task_prerun
+
+    task_prerun.connect(_task_prerun, weak=False, dispatch_uid="outlast.logs.prerun")
+    task_postrun.connect(_task_postrun, weak=False, dispatch_uid="outlast.logs.postrun")
+
+
+# --- Flask: a request id on every web line --------------------------------------------------------
+
+
+def new_request_id() -> str:
+    return "req_" + uuid.uuid4().hex
+
+
+def init_app(flask_app: Any) -> None:
+    """Give each request a request id: bound for its log lines, answered as X-Request-Id."""
+    from flask import g, request
+
+    @flask_app.before_request
+    def _bind_request_id() -> None:
+        incoming = request.headers.get(REQUEST_ID_HEADER, "")
+        g.request_id = incoming if _SANE_REQUEST_ID.match(incoming) else new_request_id()
+        clear()
+        bind(request_id=g.request_id)
+
+    @flask_app.after_request
+    def _answer_request_id(response: Any) -> Any:
+        request_id = g.get("request_id")
+        if request_id:
+            response.headers[REQUEST_ID_HEADER] = request_id
+        return response
+
+    @flask_app.teardown_request
+    def _unbind(_exc: BaseException | None) -> None:
+        clear()
+
+
+# --- gunicorn: its own lines (start-up, access) as JSON too -------------------------------------
+
+try:
+    from gunicorn.glogging import Logger as _GunicornBase
+except ImportError:  # pragma: no cover - gunicorn is a dependency; web only
+    _GunicornBase = object  # type: ignore[assignment,misc]
+
+
+class GunicornLogger(_GunicornBase):  # type: ignore[misc,valid-type]
+    """``gunicorn --logger-class app.logs.GunicornLogger``: gunicorn's error and access
+    logs in Outlast's format; each access line is one object with the request's fields."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        from app import settings
+
+        formatter = _formatter(settings.current())
+        for logger in (self.error_log, self.access_log):
+            for handler in logger.handlers:
+                handler.setFormatter(formatter)
+                handler.addFilter(ContextFilter())
+
+    def access(self, resp: Any, req: Any, environ: Mapping[str, Any], request_time: Any) -> None:
+        if not self.access_log_enabled:
+            return
+        status = resp.status.split(None, 1)[0] if isinstance(resp.status, str) else resp.status
+        request_id = next(
+            (v for k, v in resp.headers if k.lower() == REQUEST_ID_HEADER.lower()), None
+        )
+        fields = {
+            "method": environ.get("REQUEST_METHOD"),
+            "path": environ.get("PATH_INFO"),
+            "query": environ.get("QUERY_STRING") or None,
+            "status": int(status),
+            "bytes": getattr(resp, "sent", None),
+            "duration_ms": round(request_time.total_seconds() * 1000, 3),
+            "remote_addr": environ.get("REMOTE_ADDR"),
+            "request_id": request_id,
+        }
+        try:
+            self.access_log.info(
+                "%s %s %s",
+                fields["method"],
+                fields["path"],
+                fields["status"],
+                extra={k: v for k, v in fields.items() if v is not None},
+            )
+        except Exception:  # gunicorn's own convention: an access line never fails a request
+            self.exception("access log failed")

@@ -38,6 +38,7 @@ class PendingMessage(NamedTuple):
     task_name: str
     queue: str
     args: list[Any]
+    agent: str | None = None  # the task's agent, for a readable name in Flower
 
 
 def add(
@@ -54,16 +55,17 @@ def add(
     elsewhere the relay publishes it within a few seconds.
     """
     args = list(args)
-    outbox_id = conn.execute(
+    outbox_id, agent = conn.execute(
         sa.text(
             "INSERT INTO outbox (task_name, queue, args, task_id) "
-            "VALUES (:name, :queue, CAST(:args AS jsonb), :task_id) RETURNING id"
+            "VALUES (:name, :queue, CAST(:args AS jsonb), :task_id) "
+            "RETURNING id, (SELECT agent FROM tasks WHERE tasks.id = outbox.task_id)"
         ),
         {"name": task_name, "queue": queue, "args": json.dumps(args), "task_id": task_id},
-    ).scalar_one()
+    ).one()
     pending = conn.info.get(PENDING_KEY)
     if pending is not None:
-        pending.append(PendingMessage(outbox_id, task_name, queue, args))
+        pending.append(PendingMessage(outbox_id, task_name, queue, args, agent))
     return outbox_id
 
 
@@ -72,12 +74,14 @@ def add_step(conn: Connection, task_id: str, step: int) -> int:
     return add(conn, RUN_STEP, [task_id, step], queue=STEPS_QUEUE, task_id=task_id)
 
 
-def _send(task_name: str, queue: str, args: list[Any]) -> None:
-    from workers.celery_app import celery
+def _send(task_name: str, queue: str, args: list[Any], agent: str | None = None) -> None:
+    from workers.celery_app import celery, message_labels
 
     # ignore_result: no result-backend subscription per message (it would leak in the web
     # process, and with Redis down it retries for ~20 s before the publish even starts).
-    celery().send_task(task_name, args=args, queue=queue, ignore_result=True)
+    celery().send_task(
+        task_name, args=args, queue=queue, ignore_result=True, **message_labels(task_name, args, agent)
+    )
 
 
 def publish(messages: Iterable[PendingMessage]) -> int:
@@ -89,7 +93,7 @@ def publish(messages: Iterable[PendingMessage]) -> int:
     sent: list[int] = []
     for message in messages:
         try:
-            _send(message.task_name, message.queue, message.args)
+            _send(message.task_name, message.queue, message.args, message.agent)
         except Exception as exc:  # broker down: the relay retries
             log.warning("outbox publish deferred to the relay: %s", exc)
             break
@@ -109,7 +113,8 @@ def relay_due(limit: int = 500) -> int:
     with db.transaction() as conn:
         rows = conn.execute(
             sa.text(
-                "SELECT id, task_name, queue, args FROM outbox "
+                "SELECT id, task_name, queue, args, "
+                "(SELECT agent FROM tasks WHERE tasks.id = outbox.task_id) AS agent FROM outbox "
                 "WHERE created_at < now() - make_interval(secs => :grace) "
                 "ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED"
             ),
@@ -118,7 +123,7 @@ def relay_due(limit: int = 500) -> int:
         sent = []
         for row in rows:
             try:
-                _send(row.task_name, row.queue, row.args)
+                _send(row.task_name, row.queue, row.args, row.agent)
             except Exception as exc:
                 log.warning("outbox relay: broker unavailable, %d rows wait: %s", len(rows), exc)
                 break

@@ -8,9 +8,11 @@ after which the lease expires and the reaper resumes the task (attempt + 1).
 
 from __future__ import annotations
 
+import time
+
 from celery import shared_task
 
-from app import db_errors, engine
+from app import db_errors, engine, logs, metrics
 from workers.celery_app import STEP_SOFT_TIME_LIMIT, STEP_TIME_LIMIT
 
 # While the database is unreachable the message is retried after 1, 2, 4 ... 30 seconds
@@ -30,10 +32,15 @@ DB_RETRY_MAX_SECONDS = 30
 )
 def run_step(self, task_id: str, step: int) -> str:
     """Run step ``step`` of task ``task_id`` unless another execution owns it."""
+    started = time.monotonic()
     try:
-        return engine.run_step(task_id, int(step))
+        outcome = engine.run_step(task_id, int(step))
     except Exception as exc:
         if db_errors.is_database_unavailable(exc):
             countdown = min(DB_RETRY_MAX_SECONDS, 2**self.request.retries)
             raise self.retry(exc=exc, countdown=countdown) from exc
         raise
+    if outcome != "skipped":  # a duplicate message ran nothing; the engine bound the agent
+        agent = logs.current_context().get("agent", "unknown")
+        metrics.step_finished(agent, outcome, time.monotonic() - started)
+    return outcome

@@ -89,6 +89,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
+def message_labels(task_name: str, args: list[Any], agent: str | None) -> dict[str, str]:
+    """Publish options that make a step readable in Flower: the name says which agent
+    (``outlast.run_step[echo]``, bounded, so Flower's per-name counts stay useful) and the
+    args which task and step. The worker still runs ``outlast.run_step``."""
+    if task_name == "outlast.run_step" and agent and len(args) >= 2:
+        return {"shadow": f"{task_name}[{agent}]", "argsrepr": f"task {args[0]} step {args[1]}"}
+    return {}
+
+
 def celery_init_app(flask_app: Flask, settings: Settings) -> Celery:
     """Create the Celery app for ``flask_app`` and make it the default app."""
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from app import db, tool_calls
+from app import db, metrics, tool_calls
 from app.agents.sdk import (
     AgentError,
     Cancelled,
@@ -181,12 +181,14 @@ class StepContext:
             )
         if row is not None and row["status"] == tool_calls.COMPLETED:
             log.info("replaying %s call %d of step %d", name, index, self.step)
+            metrics.tool_call(name, "replayed")
             return row["output"]
         if row is not None and spec.reconcile is not None:
             found = spec.reconcile(key)
             if found is not NOT_FOUND:
                 with db.engine().begin() as conn:
                     tool_calls.complete(conn, self.task_id, self.step, index, found)
+                metrics.tool_call(name, "reconciled")
                 return found
         logged_args = spec.summarize(args) if spec.summarize else args
         with db.engine().begin() as conn:
@@ -228,11 +230,13 @@ class StepContext:
                     index,
                     {"type": type(exc).__name__, "message": str(exc)[:2000]},
                 )
+            metrics.tool_call(name, "failed")
             if is_transient(exc) and not isinstance(exc, RetryableError):
                 raise TransientToolError(f"{name}: {exc}") from exc
             raise
         with db.engine().begin() as conn:
             tool_calls.complete(conn, self.task_id, self.step, index, output)
+        metrics.tool_call(name, "completed")
         return output
 
 

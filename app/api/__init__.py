@@ -9,7 +9,7 @@ from flask import Flask
 from flask_smorest import Api
 from flask_smorest.utils import prepare_response
 
-from app import auth, errors
+from app import auth, errors, logs
 
 V1_BLUEPRINTS = ("app.api.tasks", "app.api.events", "app.api.deliveries")
 
@@ -74,5 +74,6 @@ def init_app(flask_app: Flask) -> Api:
 
     flask_app.register_blueprint(ops.blueprint)
     flask_app.register_blueprint(metrics.blueprint)
+    logs.init_app(flask_app)  # a request id on every web log line and as X-Request-Id
     errors.register(flask_app)
     return api

@@ -54,6 +54,8 @@ def web() -> None:
             "20",
             "--access-logfile",
             "-",
+            "--logger-class",
+            "app.logs.GunicornLogger",
             "--no-control-socket",
             "app.wsgi:app",
         ]

@@ -1,0 +1,371 @@
+"""Prometheus metrics that every process records and the web process exposes.
+
+Web, worker and beat may run on different machines (Heroku dynos), so a process's own
+memory cannot hold the numbers one scrape reads: prometheus-client's multiprocess mode
+shares files on one machine only, and a Pushgateway is one more service to run. Every
+Outlast process already talks to the same Redis (the Celery broker), so recorders add to
+Redis hashes (``HINCRBY``/``HINCRBYFLOAT``, atomic, one round trip), and ``GET
+/metrics`` reads them through a prometheus-client *custom collector*
+(``CounterMetricFamily``/``HistogramMetricFamily``) together with what is measured at
+scrape time: the queue depth per queue (``LLEN``), the broker's unacknowledged
+messages and the outbox backlog (PostgreSQL). Counters live as long as Redis does;
+losing Redis resets them, which Prometheus treats like a process restart.
+
+Recording never raises: a metric that cannot be written is dropped with a log line, so
+metrics can never fail a step, a delivery or a request.
+
+Helpers for the rest of the code:
+
+- :func:`step_finished` (the step runner), :func:`tool_call` (the tool-call log),
+  :func:`webhook_attempt` (the webhook sender), :func:`lease_reaped` (the reaper);
+- :func:`note_task_event` is called by ``app.lifecycle.append_event`` for every event;
+  it counts ``task.created`` (submitted) and terminal events (finished) once the
+  transaction that wrote them commits, so a rolled-back transition is never counted.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "outlast:metrics:"
+QUEUES = ("steps", "webhooks", "maintenance")
+# kombu's Redis transport keeps one list per priority level: "<queue>", "<queue>\x06\x163", …
+_KOMBU_PRIORITY_SEP = "\x06\x16"
+_KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
+_KOMBU_UNACKED = "unacked"
+
+# Steps range from milliseconds (echo) to an hour (STEP_TIME_LIMIT).
+STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
+
+TERMINAL_EVENTS = {
+    "task.completed": "completed",
+    "task.failed": "failed",
+    "task.cancelled": "cancelled",
+}
+
+
+# --- definitions ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Def:
+    name: str  # without the _total suffix for counters
+    kind: str  # "counter" or "histogram"
+    help: str
+    labels: tuple[str, ...]
+    buckets: tuple[float, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return KEY_PREFIX + self.name
+
+
+TASKS_SUBMITTED = _Def(
+    "outlast_tasks_submitted", "counter", "Tasks accepted by POST /v1/tasks.", ("agent",)
+)
+TASKS_FINISHED = _Def(
+    "outlast_tasks_finished",
+    "counter",
+    "Tasks that reached a terminal status.",
+    ("agent", "status"),
+)
+STEP_DURATION = _Def(
+    "outlast_step_duration_seconds",
+    "histogram",
+    "Wall-clock time of one step execution, by how it ended.",
+    ("agent", "outcome"),
+    STEP_BUCKETS,
+)
+TOOL_CALLS = _Def(
+    "outlast_tool_calls", "counter", "Tool and model calls by outcome.", ("tool", "outcome")
+)
+WEBHOOK_ATTEMPTS = _Def(
+    "outlast_webhook_attempts", "counter", "Webhook delivery attempts by outcome.", ("outcome",)
+)
+LEASES_REAPED = _Def(
+    "outlast_leases_reaped",
+    "counter",
+    "Expired step leases reclaimed by the reaper (retried, or failed with worker_lost).",
+    ("outcome",),
+)
+DEFINITIONS = (
+    TASKS_SUBMITTED,
+    TASKS_FINISHED,
+    STEP_DURATION,
+    TOOL_CALLS,
+    WEBHOOK_ATTEMPTS,
+    LEASES_REAPED,
+)
+
+
+# --- the Redis store --------------------------------------------------------------------
+
+_client_lock = threading.Lock()
+_client: Any = None
+_client_key: tuple[int, str] | None = None  # (pid, url): a forked child makes its own
+
+
+def _redis() -> Any:
+    """This process's Redis client for metrics (short timeouts: a metric never stalls)."""
+    global _client, _client_key
+    from app import settings
+
+    url = settings.current().require_redis_url()
+    key = (os.getpid(), url)
+    if _client_key != key:
+        with _client_lock:
+            if _client_key != key:
+                import redis
+
+                _client = redis.Redis.from_url(
+                    url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=30
+                )
+                _client_key = key
+    return _client
+
+
+def _field(label_values: Sequence[str], part: str | None = None) -> str:
+    values = [str(v) for v in label_values]
+    return json.dumps(values if part is None else [*values, part], separators=(",", ":"))
+
+
+def _check(definition: _Def, label_values: Sequence[str]) -> None:
+    if len(label_values) != len(definition.labels):
+        raise ValueError(f"{definition.name} takes labels {definition.labels}, got {label_values}")
+
+
+def _write(ops: Callable[[Any], None], what: str) -> None:
+    try:
+        pipe = _redis().pipeline(transaction=False)
+        ops(pipe)
+        pipe.execute()
+    except Exception as exc:  # metrics never break the work they measure
+        log.warning("metric %s not recorded: %s", what, exc)
+
+
+def inc(definition: _Def, label_values: Sequence[str], amount: int = 1) -> None:
+    """Add ``amount`` to the counter ``definition`` for ``label_values``."""
+    _check(definition, label_values)
+    field = _field(label_values)
+    _write(lambda pipe: pipe.hincrby(definition.key, field, amount), definition.name)
+
+
+def observe(definition: _Def, label_values: Sequence[str], value: float) -> None:
+    """Record ``value`` in the histogram ``definition`` for ``label_values``."""
+    _check(definition, label_values)
+    index = bisect.bisect_left(definition.buckets, value)
+    bucket = repr(float(definition.buckets[index])) if index < len(definition.buckets) else "+Inf"
+
+    def ops(pipe: Any) -> None:
+        pipe.hincrby(definition.key, _field(label_values, bucket), 1)
+        pipe.hincrby(definition.key, _field(label_values, "count"), 1)
+        pipe.hincrbyfloat(definition.key, _field(label_values, "sum"), float(value))
+
+    _write(ops, definition.name)
+
+
+# --- helpers for the rest of the code -------------------------------------------------------
+
+
+def step_finished(agent: str, outcome: str, seconds: float) -> None:
+    """One step execution ended after ``seconds``.
+
+    ``outcome`` is what :func:`app.engine.run_step` returned: ``continued`` (checkpoint
+    written, next step queued), ``completed``, ``input_required``, ``sleeping``,
+    ``retrying`` (transient error), ``failed``, ``discarded`` (lease lost or cancelled).
+    """
+    observe(STEP_DURATION, (agent, outcome), max(0.0, seconds))
+
+
+def tool_call(tool: str, outcome: str) -> None:
+    """One tool or model call: ``outcome`` is ``completed``, ``failed`` or ``replayed``
+    (its completion was in the log and its stored output was returned)."""
+    inc(TOOL_CALLS, (tool, outcome))
+
+
+def webhook_attempt(outcome: str) -> None:
+    """One webhook POST: ``outcome`` is ``delivered`` (2xx), ``retrying`` (will be tried
+    again) or ``failed`` (gave up: attempts exhausted or 410 Gone)."""
+    inc(WEBHOOK_ATTEMPTS, (outcome,))
+
+
+def lease_reaped(outcome: str) -> None:
+    """The reaper reclaimed an expired lease: ``retried`` or ``failed`` (worker_lost)."""
+    inc(LEASES_REAPED, (outcome,))
+
+
+def task_submitted(agent: str) -> None:
+    """A task was accepted (counted by :func:`note_task_event`; call directly only for
+    a submission that writes no ``task.created`` event)."""
+    inc(TASKS_SUBMITTED, (agent,))
+
+
+def task_finished(agent: str, status: str) -> None:
+    """A task reached the terminal ``status`` (see :func:`note_task_event`)."""
+    inc(TASKS_FINISHED, (agent, status))
+
+
+# --- counting lifecycle events after their transaction commits ---------------------------
+
+_PENDING_KEY = "outlast_metrics_pending"
+
+
+def note_after_commit(conn: Connection, record: Callable[..., None], *args: Any) -> None:
+    """Call ``record(*args)`` once ``conn``'s transaction commits; never if it rolls back."""
+    conn.info.setdefault(_PENDING_KEY, []).append((record, args))
+
+
+def note_task_event(conn: Connection, event_type: str, task: Mapping[str, Any]) -> None:
+    """Count submissions and terminal transitions (called for every event written)."""
+    if event_type == "task.created":
+        note_after_commit(conn, task_submitted, task["agent"])
+    elif event_type in TERMINAL_EVENTS:
+        note_after_commit(conn, task_finished, task["agent"], TERMINAL_EVENTS[event_type])
+
+
+@event.listens_for(Engine, "commit")
+def _flush_on_commit(conn: Connection) -> None:
+    # Fired as COMMIT is issued; a COMMIT that itself fails (rare) would be over-counted.
+    pending = conn.info.pop(_PENDING_KEY, None)
+    for record, args in pending or ():
+        record(*args)
+
+
+@event.listens_for(Engine, "rollback")
+def _discard_on_rollback(conn: Connection) -> None:
+    conn.info.pop(_PENDING_KEY, None)
+
+
+# --- the scrape ---------------------------------------------------------------------------
+
+
+def _counter(definition: _Def, raw: Mapping[bytes, bytes]) -> Metric:
+    family = CounterMetricFamily(definition.name, definition.help, labels=definition.labels)
+    for field, value in sorted(raw.items()):
+        family.add_metric(json.loads(field), float(value))
+    return family
+
+
+def _histogram(definition: _Def, raw: Mapping[bytes, bytes]) -> Metric:
+    family = HistogramMetricFamily(definition.name, definition.help, labels=definition.labels)
+    series: dict[tuple[str, ...], dict[str, float]] = {}
+    for field, value in raw.items():
+        *labels, part = json.loads(field)
+        series.setdefault(tuple(labels), {})[part] = float(value)
+    bounds = [repr(float(b)) for b in definition.buckets] + ["+Inf"]
+    for labels, parts in sorted(series.items()):
+        cumulative, buckets = 0.0, []
+        for bound in bounds:
+            cumulative += parts.get(bound, 0.0)
+            buckets.append((bound, cumulative))
+        family.add_metric(list(labels), buckets, parts.get("sum", 0.0))
+    return family
+
+
+class OutlastCollector:
+    """Reads the recorded metrics from Redis and measures queues and the outbox."""
+
+    def collect(self) -> Iterable[Metric]:
+        up = GaugeMetricFamily(
+            "outlast_metrics_source_up",
+            "1 when the scrape could read this source, else 0.",
+            labels=("source",),
+        )
+        try:
+            yield from self._from_redis()
+            up.add_metric(["redis"], 1)
+        except Exception as exc:
+            log.warning("metrics scrape: Redis unavailable: %s", exc)
+            up.add_metric(["redis"], 0)
+        try:
+            yield from self._from_database()
+            up.add_metric(["database"], 1)
+        except Exception as exc:
+            log.warning("metrics scrape: database unavailable: %s", exc)
+            up.add_metric(["database"], 0)
+        yield up
+
+    def _from_redis(self) -> Iterable[Metric]:
+        client = _redis()
+        pipe = client.pipeline(transaction=False)
+        for definition in DEFINITIONS:
+            pipe.hgetall(definition.key)
+        for queue in QUEUES:
+            for priority in _KOMBU_PRIORITY_STEPS:
+                pipe.llen(f"{queue}{_KOMBU_PRIORITY_SEP}{priority}" if priority else queue)
+        pipe.hlen(_KOMBU_UNACKED)
+        results = pipe.execute()
+        metrics: list[Metric] = []
+        for definition, raw in zip(DEFINITIONS, results, strict=False):
+            build = _histogram if definition.kind == "histogram" else _counter
+            metrics.append(build(definition, raw))
+        depth = GaugeMetricFamily(
+            "outlast_queue_depth",
+            "Messages waiting in each Celery queue (Redis LLEN at scrape time).",
+            labels=("queue",),
+        )
+        lengths = results[len(DEFINITIONS) :]
+        per_queue = len(_KOMBU_PRIORITY_STEPS)
+        for i, queue in enumerate(QUEUES):
+            depth.add_metric([queue], sum(lengths[i * per_queue : (i + 1) * per_queue]))
+        metrics.append(depth)
+        metrics.append(
+            GaugeMetricFamily(
+                "outlast_broker_unacked_messages",
+                "Messages delivered to a worker and not yet acknowledged (running steps).",
+                value=lengths[-1],
+            )
+        )
+        return metrics
+
+    def _from_database(self) -> Iterable[Metric]:
+        from app import db
+
+        with db.engine().connect() as conn:
+            row = conn.execute(
+                sa.text(
+                    "SELECT count(*) AS backlog, "
+                    "COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0) AS oldest "
+                    "FROM outbox"
+                )
+            ).one()
+        return [
+            GaugeMetricFamily(
+                "outlast_outbox_backlog",
+                "Outbox messages written but not yet published to the broker.",
+                value=row.backlog,
+            ),
+            GaugeMetricFamily(
+                "outlast_outbox_oldest_age_seconds",
+                "Age of the oldest unpublished outbox message (0 when empty).",
+                value=float(row.oldest),
+            ),
+        ]
+
+
+def registry() -> CollectorRegistry:
+    """A registry holding only Outlast's shared metrics (no per-process collectors: the
+    web process that answers a scrape is one of many)."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(OutlastCollector())
+    return reg
