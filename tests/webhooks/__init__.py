@@ -1,0 +1,1 @@
+"""Webhook deliveries: signing, sending, retries, replay, the SSRF guard."""
