@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from app import db, ids, lifecycle, settings as settings_mod, tenants, tool_calls
+from app import db, ids, lifecycle, tenants, tool_calls
+from app import settings as settings_mod
 from app.embedded import free_port
 from app.settings import Settings
 
