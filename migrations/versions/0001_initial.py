@@ -176,7 +176,8 @@ CREATE TABLE webhook_deliveries (
     attempts          integer NOT NULL DEFAULT 0,
     last_status_code  integer,
     last_error        text,
-    next_attempt_at   timestamptz,
+    next_attempt_at   timestamptz,               -- due time; while sending, the sender's lease end
+    enqueued_at       timestamptz DEFAULT now(), -- a deliver message is queued (NULL once taken)
     delivered_at      timestamptz,
     created_at        timestamptz NOT NULL DEFAULT now(),
     updated_at        timestamptz NOT NULL DEFAULT now()
@@ -192,6 +193,7 @@ CREATE TABLE webhook_attempts (
     error        text,
     duration_ms  integer,
     attempted_at timestamptz NOT NULL DEFAULT now(),
+    retry_at     timestamptz,                  -- when this failure scheduled the next attempt
     PRIMARY KEY (delivery_id, attempt)
 );
 """

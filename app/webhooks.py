@@ -1,0 +1,529 @@
+"""Webhook deliveries (DESIGN.md, mechanism 6): an outbox of signed POSTs.
+
+A ``webhook_deliveries`` row is written with the event it carries
+(:func:`app.lifecycle.append_event`, or :func:`replay`), and a ``deliver_webhook``
+message is queued through the outbox. One attempt (:func:`attempt_delivery`) is:
+
+1. **claim** the row if it is due: ``SELECT … FOR UPDATE SKIP LOCKED``, then push
+   ``next_attempt_at`` forward by the send lease and count the attempt. Two workers (or a
+   duplicate message) never send the same attempt; a sender that dies mid-send leaves a
+   row that becomes due again when its lease ends.
+2. **send** the stored event JSON, signed per Standard Webhooks, to the URL (SSRF guard
+   again, no redirects, a total timeout);
+3. **record** the outcome, fenced on the attempt number: ``delivered``, ``failed``
+   (``410``, or the last allowed attempt) or a retry at ``now + backoff``.
+
+The beat's sweep (:func:`dispatch_due`) queues a message for each due row that has
+none queued, so retries and lost messages survive restarts of every process.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC
+from typing import Any
+
+import requests
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from app import db, ids, metrics, outbox, signing, tenants, urlguard
+from app import settings as settings_mod
+from app.lifecycle import WEBHOOK_EVENT_TYPES
+from app.representation import event_json, rfc3339
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# The n-th retry waits between half and all of base * 2^(n-1), never more than this.
+RETRY_CAP_SECONDS = 3600.0
+# A receiver's Retry-After is honoured up to this (a garbage value must not park a
+# delivery for years).
+RETRY_AFTER_CAP_SECONDS = 86400.0
+# A rotated-out secret keeps signing alongside the new one for this long.
+ROTATION_GRACE_SECONDS = 24 * 3600
+# last_error and attempt errors are kept short.
+ERROR_MAX_CHARS = 500
+USER_AGENT = "Outlast-Webhooks/1"
+
+
+class DeliveryStatus:
+    """Mirrors the SQL enum ``delivery_status``."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+# --- timing ------------------------------------------------------------------------------
+
+
+def retry_delay(retry_number: int, base_seconds: float, rng: random.Random | None = None) -> float:
+    """Seconds before the ``retry_number``-th retry (1 after the first failed attempt):
+    uniformly random between half and all of ``base × 2^(n-1)``, capped at one hour."""
+    if retry_number < 1:
+        raise ValueError("retries are numbered from 1")
+    # min() before the power would overflow for large n.
+    ceiling = min(base_seconds * 2.0 ** min(retry_number - 1, 64), RETRY_CAP_SECONDS)
+    return (rng or random).uniform(ceiling / 2, ceiling)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """A ``Retry-After`` header (seconds or an HTTP date) in seconds from now, or ``None``."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def send_lease_seconds(settings: Settings) -> float:
+    """How long a claimed delivery stays with its sender before it is due again: well
+    past the longest attempt, so only a sender that died loses it."""
+    return 2 * settings.webhook_timeout_seconds + 5
+
+
+def requeue_after_seconds(settings: Settings) -> float:
+    """How long a queued deliver message may go unconsumed before the sweep assumes it
+    lost (a flushed broker) and queues another; a duplicate is harmless."""
+    return max(10 * settings.webhook_sweep_seconds, 2 * settings.webhook_timeout_seconds)
+
+
+# --- secrets -------------------------------------------------------------------------------
+
+
+def active_secrets(conn: Connection, tenant_id: str) -> list[str]:
+    """The tenant's signing secrets, current first, then rotated-out ones still valid."""
+    return list(
+        conn.execute(
+            sa.text(
+                "SELECT secret FROM webhook_secrets WHERE tenant_id = :t "
+                "AND (expires_at IS NULL OR expires_at > now()) "
+                "ORDER BY expires_at IS NOT NULL, created_at DESC, id DESC"
+            ),
+            {"t": tenant_id},
+        ).scalars()
+    )
+
+
+def rotate_secret(conn: Connection, tenant_id: str) -> str:
+    """Make a new current secret; the previous one keeps signing for 24 hours."""
+    # Serialise rotations of one tenant so that exactly one secret is current.
+    conn.execute(sa.text("SELECT id FROM tenants WHERE id = :t FOR UPDATE"), {"t": tenant_id})
+    conn.execute(
+        sa.text(
+            "DELETE FROM webhook_secrets WHERE tenant_id = :t "
+            "AND expires_at IS NOT NULL AND expires_at <= now()"
+        ),
+        {"t": tenant_id},
+    )
+    conn.execute(
+        sa.text(
+            "UPDATE webhook_secrets SET expires_at = now() + make_interval(secs => :grace) "
+            "WHERE tenant_id = :t AND expires_at IS NULL"
+        ),
+        {"t": tenant_id, "grace": ROTATION_GRACE_SECONDS},
+    )
+    secret = tenants.new_webhook_secret()
+    conn.execute(
+        sa.text("INSERT INTO webhook_secrets (tenant_id, secret) VALUES (:t, :s)"),
+        {"t": tenant_id, "s": secret},
+    )
+    return secret
+
+
+# --- one HTTP attempt ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt ended with."""
+
+    delivered: bool
+    status_code: int | None = None
+    error: str | None = None
+    gone: bool = False  # 410: the receiver asks us to stop
+    retry_after: float | None = None  # seconds, from a 429/503 answer
+    duration_ms: int = 0
+
+
+def event_body(event_row: Mapping[str, Any]) -> bytes:
+    """The POST body: the stored event as API.md's event object, serialised the same way
+    on every attempt (the signature covers these exact bytes)."""
+    return json.dumps(event_json(event_row), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= ERROR_MAX_CHARS else text[: ERROR_MAX_CHARS - 1] + "…"
+
+
+def send(
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    timeout_seconds: float,
+    allow_private: bool,
+) -> Outcome:
+    """POST ``body`` to ``url`` once and classify the answer; never raises for network
+    or receiver errors. A ``2xx`` within ``timeout_seconds`` in total is delivered; a
+    redirect is not followed (a failure); the SSRF guard runs on the URL and again on
+    the connected address unless ``allow_private``."""
+    started = time.monotonic()
+
+    def took() -> int:
+        return int((time.monotonic() - started) * 1000)
+
+    try:
+        urlguard.check_url(url, allow_private=allow_private)
+    except urlguard.UnsafeUrl as exc:
+        return Outcome(False, error=_short(f"refused by the SSRF guard: {exc}"), duration_ms=took())
+    request_headers = {
+        **headers,
+        "Content-Type": "application/json",
+        "User-Agent": USER_AGENT,
+    }
+    session = urlguard.guarded_session(allow_private=allow_private)
+    try:
+        # stream=True: we stop after the status line and headers; the body is not needed.
+        with session.post(
+            url,
+            data=body,
+            headers=request_headers,
+            timeout=(timeout_seconds, timeout_seconds),
+            allow_redirects=False,
+            stream=True,
+        ) as response:
+            code = response.status_code
+            retry_after_header = response.headers.get("Retry-After")
+    except urlguard.UnsafeUrl as exc:
+        return Outcome(False, error=_short(f"refused by the SSRF guard: {exc}"), duration_ms=took())
+    except requests.Timeout:
+        return Outcome(
+            False, error=f"no answer within {timeout_seconds:g}s (timeout)", duration_ms=took()
+        )
+    except requests.RequestException as exc:
+        return Outcome(False, error=_short(f"request failed: {exc}"), duration_ms=took())
+    finally:
+        session.close()
+    duration_ms = took()
+    if duration_ms > timeout_seconds * 1000:
+        return Outcome(
+            False,
+            status_code=code,
+            error=f"answered {code} after the {timeout_seconds:g}s timeout",
+            duration_ms=duration_ms,
+        )
+    if 200 <= code < 300:
+        return Outcome(True, status_code=code, duration_ms=duration_ms)
+    if code == 410:
+        return Outcome(
+            False,
+            status_code=code,
+            gone=True,
+            error="410 Gone: the receiver asked for no more deliveries",
+            duration_ms=duration_ms,
+        )
+    if 300 <= code < 400:
+        error = f"redirect ({code}) not followed"
+    else:
+        error = f"HTTP {code}"
+    retry_after = parse_retry_after(retry_after_header) if code in (429, 503) else None
+    return Outcome(
+        False, status_code=code, error=error, retry_after=retry_after, duration_ms=duration_ms
+    )
+
+
+# --- claim, send, record ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A delivery taken for one attempt: what to send and the fence for recording it."""
+
+    delivery_id: str
+    attempt: int
+    url: str
+    event_id: str
+    body: bytes
+    secrets: list[str]
+
+
+def _abandon_previous_attempt(conn: Connection, delivery_id: str, attempt: int) -> None:
+    # An attempt row with no outcome means its sender died mid-send.
+    conn.execute(
+        sa.text(
+            "UPDATE webhook_attempts SET error = 'no outcome recorded: the sender was lost' "
+            "WHERE delivery_id = :id AND attempt = :n AND status_code IS NULL AND error IS NULL"
+        ),
+        {"id": delivery_id, "n": attempt},
+    )
+
+
+def claim(delivery_id: str, settings: Settings) -> Claim | None:
+    """Take a due, pending delivery for one attempt; ``None`` when it is not due, already
+    being sent, finished, or out of attempts (then it is marked ``failed``)."""
+    with db.transaction() as conn:
+        row = (
+            conn.execute(
+                sa.text(
+                    "SELECT id, tenant_id, task_id, event_seq, url, attempts "
+                    "FROM webhook_deliveries WHERE id = :id AND status = 'pending' "
+                    "AND next_attempt_at <= now() FOR UPDATE SKIP LOCKED"
+                ),
+                {"id": delivery_id},
+            )
+            .mappings()
+            .one_or_none()
+        )
+        if row is None:
+            return None
+        if row["attempts"] > 0:
+            _abandon_previous_attempt(conn, delivery_id, row["attempts"])
+        if row["attempts"] >= settings.webhook_max_attempts:
+            # The last allowed attempt's sender died: nothing is left to try.
+            conn.execute(
+                sa.text(
+                    "UPDATE webhook_deliveries SET status = 'failed', next_attempt_at = NULL, "
+                    "enqueued_at = NULL, updated_at = now(), "
+                    "last_error = COALESCE(last_error, 'no outcome recorded: the sender was lost') "
+                    "WHERE id = :id"
+                ),
+                {"id": delivery_id},
+            )
+            return None
+        attempt = row["attempts"] + 1
+        conn.execute(
+            sa.text(
+                "UPDATE webhook_deliveries SET attempts = :n, enqueued_at = NULL, "
+                "next_attempt_at = now() + make_interval(secs => :lease), updated_at = now() "
+                "WHERE id = :id"
+            ),
+            {"id": delivery_id, "n": attempt, "lease": send_lease_seconds(settings)},
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO webhook_attempts (delivery_id, attempt) VALUES (:id, :n) "
+                "ON CONFLICT (delivery_id, attempt) DO NOTHING"
+            ),
+            {"id": delivery_id, "n": attempt},
+        )
+        event = (
+            conn.execute(
+                sa.text(
+                    "SELECT task_id, seq, id, type, data, created_at FROM events "
+                    "WHERE task_id = :task_id AND seq = :seq"
+                ),
+                {"task_id": row["task_id"], "seq": row["event_seq"]},
+            )
+            .mappings()
+            .one()
+        )
+        secrets = active_secrets(conn, row["tenant_id"])
+    return Claim(delivery_id, attempt, row["url"], event["id"], event_body(event), secrets)
+
+
+def record(claim_: Claim, outcome: Outcome, settings: Settings) -> str:
+    """Store the attempt's outcome and the delivery's next state; returns that state
+    (``delivered``, ``failed``, ``pending`` for a retry, or ``superseded`` when another
+    sender took the row after this one's lease ended)."""
+    if outcome.delivered:
+        status, delay = DeliveryStatus.DELIVERED, None
+    elif outcome.gone or claim_.attempt >= settings.webhook_max_attempts:
+        status, delay = DeliveryStatus.FAILED, None
+    else:
+        status = DeliveryStatus.PENDING
+        delay = retry_delay(claim_.attempt, settings.webhook_retry_base_seconds)
+        if outcome.retry_after is not None and outcome.retry_after > delay:
+            delay = min(outcome.retry_after, RETRY_AFTER_CAP_SECONDS)
+    with db.transaction() as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE webhook_attempts SET status_code = :code, error = :error, "
+                "duration_ms = :ms, retry_at = CASE WHEN CAST(:delay AS double precision) "
+                "IS NULL THEN NULL ELSE now() + make_interval(secs => CAST(:delay AS double "
+                "precision)) END WHERE delivery_id = :id AND attempt = :n"
+            ),
+            {
+                "id": claim_.delivery_id,
+                "n": claim_.attempt,
+                "code": outcome.status_code,
+                "error": outcome.error,
+                "ms": outcome.duration_ms,
+                "delay": delay,
+            },
+        )
+        # Fenced on the attempt number: a sender whose lease ran out records its attempt
+        # above but no longer decides the delivery's state.
+        updated = conn.execute(
+            sa.text(
+                "UPDATE webhook_deliveries SET status = CAST(:status AS delivery_status), "
+                "last_status_code = :code, last_error = :error, updated_at = now(), "
+                "next_attempt_at = CASE WHEN CAST(:delay AS double precision) IS NULL THEN NULL "
+                "ELSE now() + make_interval(secs => CAST(:delay AS double precision)) END, "
+                "delivered_at = CASE WHEN :delivered THEN now() ELSE NULL END "
+                "WHERE id = :id AND attempts = :n AND status = 'pending'"
+            ),
+            {
+                "id": claim_.delivery_id,
+                "n": claim_.attempt,
+                "status": status,
+                "code": outcome.status_code,
+                "error": outcome.error,
+                "delay": delay,
+                "delivered": outcome.delivered,
+            },
+        )
+    metrics.webhook_attempt("retrying" if status == DeliveryStatus.PENDING else status)
+    return status if updated.rowcount == 1 else "superseded"
+
+
+def attempt_delivery(delivery_id: str, settings: Settings | None = None) -> str:
+    """One attempt of one delivery, if it is due (the ``deliver_webhook`` task).
+
+    Returns what happened: ``delivered``, ``pending`` (a retry is scheduled), ``failed``,
+    ``superseded``, or ``skipped`` (not due, being sent elsewhere, or finished).
+    """
+    settings = settings or settings_mod.current()
+    claimed = claim(delivery_id, settings)
+    if claimed is None:
+        return "skipped"
+    if not claimed.secrets:
+        # Unsigned webhooks would be unverifiable: treat as a failed attempt.
+        outcome = Outcome(False, error="the tenant has no webhook signing secret")
+    else:
+        headers = signing.signature_headers(claimed.secrets, claimed.event_id, claimed.body)
+        outcome = send(
+            claimed.url,
+            claimed.body,
+            headers,
+            timeout_seconds=settings.webhook_timeout_seconds,
+            allow_private=settings.webhook_allow_private,
+        )
+    result = record(claimed, outcome, settings)
+    log.info(
+        "webhook attempt",
+        extra={
+            "delivery_id": delivery_id,
+            "attempt": claimed.attempt,
+            "status_code": outcome.status_code,
+            "error": outcome.error,
+            "result": result,
+        },
+    )
+    return result
+
+
+def dispatch_due(settings: Settings | None = None, limit: int = 500) -> int:
+    """The beat's sweep: queue a deliver message for every due pending delivery that has
+    none queued (or whose message has waited suspiciously long). Returns how many."""
+    settings = settings or settings_mod.current()
+    with db.transaction() as conn:
+        due = list(
+            conn.execute(
+                sa.text(
+                    "WITH due AS ("
+                    " SELECT id FROM webhook_deliveries"
+                    " WHERE status = 'pending' AND next_attempt_at <= now()"
+                    " AND (enqueued_at IS NULL"
+                    "      OR enqueued_at < now() - make_interval(secs => :requeue))"
+                    " ORDER BY next_attempt_at LIMIT :limit FOR UPDATE SKIP LOCKED) "
+                    "UPDATE webhook_deliveries d SET enqueued_at = now() FROM due "
+                    "WHERE d.id = due.id RETURNING d.id"
+                ),
+                {"requeue": requeue_after_seconds(settings), "limit": limit},
+            ).scalars()
+        )
+        for delivery_id in due:
+            outbox.add(conn, outbox.DELIVER_WEBHOOK, [delivery_id], queue=outbox.WEBHOOKS_QUEUE)
+    return len(due)
+
+
+# --- the API's side: list and replay ---------------------------------------------------------
+
+DELIVERY_COLUMNS = (
+    "id, task_id, event_id, event_seq, event_type, url, status::text AS status, attempts, "
+    "last_status_code, last_error, next_attempt_at, delivered_at, created_at"
+)
+
+
+def delivery_json(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The delivery object of API.md."""
+    return {
+        "id": row["id"],
+        "event_id": row["event_id"],
+        "event_type": row["event_type"],
+        "url": row["url"],
+        "status": row["status"],
+        "attempts": row["attempts"],
+        "last_status_code": row["last_status_code"],
+        "last_error": row["last_error"],
+        "next_attempt_at": rfc3339(row["next_attempt_at"]),
+        "delivered_at": rfc3339(row["delivered_at"]),
+    }
+
+
+def list_for_task(conn: Connection, task_id: str, tenant_id: str) -> list[dict[str, Any]]:
+    """Every delivery of a task, oldest first (replays included)."""
+    rows = conn.execute(
+        sa.text(
+            f"SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries "
+            "WHERE task_id = :task_id AND tenant_id = :tenant_id ORDER BY created_at, event_seq, id"
+        ),
+        {"task_id": task_id, "tenant_id": tenant_id},
+    ).mappings()
+    return [delivery_json(r) for r in rows]
+
+
+def replay(conn: Connection, task: Mapping[str, Any], after: int = 0) -> list[dict[str, Any]]:
+    """Queue a fresh delivery of each of the task's webhook events with ``seq > after``
+    (same event, so the same ``webhook-id``; each attempt signs anew). Returns the
+    deliveries created; none when the task has no ``webhook_url``."""
+    if not task.get("webhook_url"):
+        return []
+    events = conn.execute(
+        sa.text(
+            "SELECT id, seq, type FROM events WHERE task_id = :task_id AND seq > :after "
+            "AND type = ANY(:types) ORDER BY seq"
+        ),
+        {"task_id": task["id"], "after": after, "types": sorted(WEBHOOK_EVENT_TYPES)},
+    ).mappings()
+    created = []
+    for event in list(events):
+        row = (
+            conn.execute(
+                sa.text(
+                    "INSERT INTO webhook_deliveries (id, tenant_id, task_id, event_id, "
+                    "event_seq, event_type, url, next_attempt_at) "
+                    "VALUES (:id, :tenant_id, :task_id, :event_id, :seq, :type, :url, now()) "
+                    f"RETURNING {DELIVERY_COLUMNS}"
+                ),
+                {
+                    "id": ids.new_id("dlv"),
+                    "tenant_id": task["tenant_id"],
+                    "task_id": task["id"],
+                    "event_id": event["id"],
+                    "seq": event["seq"],
+                    "type": event["type"],
+                    "url": task["webhook_url"],
+                },
+            )
+            .mappings()
+            .one()
+        )
+        outbox.add(conn, outbox.DELIVER_WEBHOOK, [row["id"]], queue=outbox.WEBHOOKS_QUEUE)
+        created.append(delivery_json(row))
+    return created
