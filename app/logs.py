@@ -33,8 +33,8 @@ REQUEST_ID_HEADER = "X-Request-Id"
 # Accept a caller's (or Heroku router's) request id only if it is short and plain.
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
-_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s"
-_RENAME = {"asctime": "time", "levelname": "level", "name": "logger"}
+_FIELDS = "%(levelname)s %(name)s %(message)s"
+_RENAME = {"levelname": "level", "name": "logger"}
 
 
 # --- the context ----------------------------------------------------------------------------
@@ -85,7 +85,8 @@ def _formatter(settings: Settings) -> logging.Formatter:
     if settings.log_format == "json":
         from pythonjsonlogger.json import JsonFormatter
 
-        return JsonFormatter(_FIELDS, rename_fields=_RENAME)
+        # "time": ISO 8601 in UTC, the form log pipelines parse without configuration.
+        return JsonFormatter(_FIELDS, rename_fields=_RENAME, timestamp="time")
     return _TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
@@ -110,6 +111,8 @@ def configure(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
+    # Warnings (a deprecation, Celery's "running as root") become log lines too.
+    logging.captureWarnings(True)
     _connect_celery_signals()
 
 

@@ -71,6 +71,7 @@ def worker(concurrency: int | None, queues: str) -> None:
     _exec(
         [
             _bin("celery"),
+            "--quiet",  # no banner: every line on stderr is a JSON log line
             "-A",
             CELERY_TARGET,
             "worker",
@@ -95,6 +96,7 @@ def beat() -> None:
     _exec(
         [
             _bin("celery"),
+            "--quiet",
             "-A",
             CELERY_TARGET,
             "beat",
