@@ -36,7 +36,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test under tests/faults kills or stops real processes."""
     for item in items:
         if "tests/faults/" in str(item.fspath).replace("\\", "/"):
-            assert item.get_closest_marker("faults"), f"{item.nodeid} lacks @pytest.mark.faults"
+            if not item.get_closest_marker("faults"):
+                raise pytest.UsageError(f"{item.nodeid} lacks @pytest.mark.faults")
 
 
 # --- the outside world ------------------------------------------------------------------------
