@@ -19,7 +19,7 @@ from celery import Celery
 
 from app.processes import ManagedProcess
 from bench import baseline_schema
-from bench.infra import Infra, sample_rss, wait_for
+from bench.infra import CpuMeter, Infra, sample_rss, wait_for
 from bench.loadgen import http_request
 
 QUEUE = "bench"
@@ -32,6 +32,7 @@ class ChainRun:
     chains: int
     steps: int
     elapsed: float  # first message sent -> last chain finished, seconds
+    cpu: dict[str, float] | None = None  # CPU seconds by component during the run
 
     @property
     def steps_per_second(self) -> float:
@@ -49,6 +50,9 @@ class ChainRun:
             "elapsed_s": self.elapsed,
             "steps_per_s": self.steps_per_second,
             "ms_per_step": self.ms_per_step,
+            "cpu_ms_per_step": {
+                k: v * 1000.0 / (self.chains * self.steps) for k, v in (self.cpu or {}).items()
+            },
         }
 
 
@@ -118,6 +122,8 @@ class CeleryBaseline:
         """Start ``chains`` chains of ``task_name`` at once; wait for all to finish."""
         self.redis.delete(baseline_schema.DONE_KEY)
         ids = [f"c{uuid.uuid4().hex[:10]}" for _ in range(chains)]
+        meter = CpuMeter(self.infra)
+        meter.start()
         started = time.time()
         with self.client.producer_or_acquire() as producer:
             for chain_id in ids:
@@ -133,7 +139,7 @@ class CeleryBaseline:
             item = self.redis.blpop([baseline_schema.DONE_KEY], timeout=min(left, 5))
             if item is not None:
                 finished.append(json.loads(item[1])["finished"])
-        return ChainRun(chains, steps, max(finished) - started)
+        return ChainRun(chains, steps, max(finished) - started, meter.stop())
 
     def round_trips(self, samples: int) -> list[float]:
         """``bench.ping.delay().get()`` timings in seconds (the raw Celery round trip)."""
@@ -262,6 +268,8 @@ class DBOSBaseline:
                 return all(Path(str(r) + ".ready").exists() for r in results)
 
             wait_for(launched, 120, "DBOS processes to launch")
+            meter = CpuMeter(self.infra)
+            meter.start()
             go.write_text("go")
             wait_for(
                 lambda: (
@@ -276,4 +284,8 @@ class DBOSBaseline:
             for proc in procs:
                 self.infra.stop(proc)
         elapsed = max(d["finished"] for d in data) - min(d["started"] for d in data)
-        return ChainRun(processes * workflows_per_process, steps, elapsed)
+        cpu = {
+            "dbos": sum(d["cpu_s"] for d in data),
+            **{k: v for k, v in meter.stop().items() if k not in ("dbos", "driver")},
+        }
+        return ChainRun(processes * workflows_per_process, steps, elapsed, cpu)

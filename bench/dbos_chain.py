@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -57,9 +58,12 @@ def main() -> None:
     while not go.exists():
         time.sleep(0.001)
     started = time.time()
+    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     handles = [DBOS.start_workflow(chain, args.steps) for _ in range(args.workflows)]
     results = [handle.get_result() for handle in handles]
     finished = time.time()
+    cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     assert all(r == args.steps for r in results), results
     Path(args.result).write_text(
         json.dumps(
@@ -68,6 +72,7 @@ def main() -> None:
                 "finished": finished,
                 "workflows": args.workflows,
                 "steps": args.steps,
+                "cpu_s": cpu_s,
             }
         )
     )

@@ -245,3 +245,62 @@ def sample_rss(
         thread.join()
     samples.append((completed(), group_rss_bytes(proc)))
     return samples
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process, its live descendants, and the children each of
+    them has reaped (a PostgreSQL backend that exited counts in the postmaster's)."""
+    try:
+        root = psutil.Process(pid)
+        members = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for member in members:
+        try:
+            t = member.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+class CpuMeter:
+    """CPU seconds each component used between :meth:`start` and :meth:`stop`: every
+    process the benchmark started (by name), the embedded PostgreSQL (postmaster and
+    backends) and Redis, and this driver. On a 2-core machine running everything, the
+    sum per step bounds the throughput: at most ``cores / cpu_per_step`` steps/s."""
+
+    def __init__(self, infra: Infra):
+        self.infra = infra
+        self._before: dict[str, float] = {}
+
+    def snapshot(self) -> dict[str, float]:
+        groups: dict[str, float] = {}
+        for proc in self.infra.processes:
+            if proc.alive():
+                name = proc.name.rsplit(".", 1)[0]
+                groups[name] = groups.get(name, 0.0) + tree_cpu_seconds(proc.pid)
+        pg = self.infra._pg
+        if pg is not None and pg._server is not None:
+            try:
+                groups["postgres"] = tree_cpu_seconds(pg._server.get_postmaster_info().pid)
+            except Exception:  # pgserver's info unreadable: leave PostgreSQL out
+                pass
+        redis_server = self.infra._redis
+        if redis_server is not None and redis_server.process is not None:
+            groups["redis"] = tree_cpu_seconds(redis_server.process.pid)
+        t = os.times()
+        groups["driver"] = t.user + t.system
+        return groups
+
+    def start(self) -> None:
+        self._before = self.snapshot()
+
+    def stop(self) -> dict[str, float]:
+        after = self.snapshot()
+        return {
+            k: after[k] - self._before.get(k, 0.0)
+            for k in after
+            if k in self._before and after[k] - self._before[k] > 0.0005
+        }

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from app import db, tenants
 from app.processes import ManagedProcess
 from bench.baselines import ChainRun
-from bench.infra import Infra, sample_rss, wait_for
+from bench.infra import CpuMeter, Infra, sample_rss, wait_for
 from bench.loadgen import http_request, run_load
 
 TERMINAL = ("completed", "failed", "cancelled")
@@ -211,8 +211,11 @@ class OutlastStack:
 
     def run_tasks(self, count: int, steps: int, timeout: float = 300) -> ChainRun:
         """``count`` echo tasks of ``steps`` steps at once: created -> last finished."""
+        meter = CpuMeter(self.infra)
+        meter.start()
         ids = self.submit_many(count, {"message": "bench", "steps": steps})
         self.wait_terminal(ids, timeout)
+        cpu = meter.stop()
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.text(
@@ -225,7 +228,7 @@ class OutlastStack:
             ).one()
         if row.ok != count:
             raise RuntimeError(f"only {row.ok}/{count} echo tasks completed all {steps} steps")
-        return ChainRun(count, steps, float(row.finished) - float(row.started))
+        return ChainRun(count, steps, float(row.finished) - float(row.started), cpu)
 
     def one_step_latencies(self, samples: int) -> list[float]:
         """Submit a one-step echo task, then long-poll until ``completed``: seconds each."""

@@ -103,6 +103,7 @@ def render(results: dict) -> str:
                 f"{fmt(ratio(tput[c], tput.get('dbos', math.nan)), 2)}x | "
                 f"{fmt(ratio(lat[c], lat.get('raw_celery', math.nan)), 2)}x |"
             )
+        out.append(render_cpu(steps["many"], results["meta"].get("nproc") or 2))
         if "outlast" in tput:
             r_raw = ratio(tput["outlast"], tput["raw_celery"])
             r_dbos = ratio(tput["outlast"], tput["dbos"])
@@ -227,6 +228,43 @@ def render(results: dict) -> str:
         for goal, value, verdict in goals:
             out.append(f"| {goal} | {value} | {verdict} |")
     return "\n".join(out) + "\n"
+
+
+CPU_COMPONENTS = (
+    ("worker", ("outlast-worker", "baseline-worker", "dbos")),
+    ("PostgreSQL", ("postgres",)),
+    ("Redis", ("redis",)),
+    ("web (submission)", ("outlast-web",)),
+    ("beat", ("outlast-beat",)),
+)
+
+
+def render_cpu(many: dict, cores: int) -> str:
+    """CPU milliseconds per step by component, and the ceiling that puts on throughput."""
+    out = [
+        "\nCPU per step (all processes of the run, measured with psutil; the driver "
+        f"excluded). With {cores} cores shared by everything, {cores} x 1000 / total is "
+        "the most steps/s the machine could give that contender.\n",
+        "| contender | " + " | ".join(c for c, _ in CPU_COMPONENTS) + " | total CPU ms/step | "
+        "ceiling steps/s | measured / ceiling |",
+        "|---|" + "---:|" * (len(CPU_COMPONENTS) + 3),
+    ]
+    for name, runs in many.items():
+        cells = []
+        total = 0.0
+        for _, keys in CPU_COMPONENTS:
+            value = median(
+                [sum(v for k, v in r.get("cpu_ms_per_step", {}).items() if k in keys) for r in runs]
+            )
+            total += 0.0 if math.isnan(value) else value
+            cells.append(fmt(value, 2))
+        ceiling = cores * 1000.0 / total if total else math.nan
+        measured = median(_col(runs, "steps_per_s"))
+        out.append(
+            f"| {NAMES[name]} | " + " | ".join(cells) + f" | {fmt(total, 2)} | "
+            f"{fmt(ceiling)} | {fmt(ratio(measured, ceiling), 2)} |"
+        )
+    return "\n".join(out)
 
 
 def render_scale(scale: dict, goals: list | None = None) -> str:
