@@ -321,7 +321,9 @@ class Client:
     def get(self, task_id: str, *, wait: float | None = None) -> dict[str, Any]:
         """The task. ``wait`` (0–30 s) long-polls: the answer comes when its status or
         step changes, or after ``wait`` seconds."""
-        return self._get_task(task_id, wait)[0]
+        task, _ = self._get_task(task_id, wait)
+        assert task is not None  # no If-None-Match was sent: never a 304
+        return task
 
     def list(
         self,
@@ -381,46 +383,50 @@ class Client:
     def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Block until the task is terminal or waits for input; returns it.
 
-        Uses the long poll (``?wait=``, up to 30 s a request). When an answer comes back
-        early with nothing changed (a server without long polling), or the server is
-        unavailable, it backs off exponentially from 1 s to 30 s, never sooner than a
-        ``Retry-After`` asks. Raises :class:`WaitTimeout` after ``timeout`` seconds.
+        Reads the task once, then long-polls (``?wait=``, up to 30 s a request) with
+        ``If-None-Match``, so a change that happens between two requests answers at
+        once. When an answer comes back early with nothing changed (a server without
+        long polling), or the server is unavailable, it backs off exponentially from
+        1 s to 30 s, never sooner than a ``Retry-After`` asks. Raises
+        :class:`WaitTimeout` after ``timeout`` seconds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = BACKOFF_MIN_SECONDS
         long_poll = True
-        last: dict[str, Any] | None = None
+        task: dict[str, Any] | None = None
+        etag: str | None = None
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise WaitTimeout(task_id, timeout or 0.0, last)
+                raise WaitTimeout(task_id, timeout or 0.0, task)
             wait_for = None
-            if long_poll:
+            if task is not None and long_poll:
                 wait_for = int(min(LONG_POLL_MAX_SECONDS, remaining or LONG_POLL_MAX_SECONDS))
             started = time.monotonic()
             pause = 0.0
             try:
-                task, headers = self._get_task(task_id, wait_for)
+                fresh, headers = self._get_task(task_id, wait_for, etag)
             except ValidationError as exc:
                 if long_poll and exc.errors and "wait" in exc.errors:
                     long_poll = False  # a server without ?wait=: plain polling
                     continue
                 raise
             except (NetworkError, Unavailable, RateLimited, ServerError) as exc:
-                pause = max(delay, getattr(exc, "retry_after", None) or 0.0)
+                retry_after = exc.retry_after if isinstance(exc, APIError) else None
+                pause = max(delay, retry_after or 0.0)
                 delay = min(BACKOFF_MAX_SECONDS, delay * 2)
             else:
+                new_etag = headers.get("ETag")
+                changed = fresh is not None and (new_etag is None or new_etag != etag)
+                if fresh is not None:
+                    task, etag = fresh, new_etag
+                assert task is not None
                 if task["status"] in SETTLED_STATUSES:
                     return task
-                changed = last is None or (task["status"], task["step"]) != (
-                    last["status"],
-                    last["step"],
-                )
-                last = task
-                early = wait_for is None or time.monotonic() - started < wait_for / 2
                 if changed:
                     delay = BACKOFF_MIN_SECONDS
-                if (early and not changed) or not long_poll:
+                early = wait_for is not None and time.monotonic() - started < wait_for / 2
+                if not long_poll or (early and not changed):
                     pause = max(delay, _retry_after(headers) or 0.0)
                     delay = min(BACKOFF_MAX_SECONDS, delay * 2)
             if pause:
@@ -517,17 +523,23 @@ class Client:
 
     # --- plumbing ---
 
-    def _get_task(self, task_id: str, wait: float | None) -> tuple[dict[str, Any], Any]:
+    def _get_task(
+        self, task_id: str, wait: float | None, etag: str | None = None
+    ) -> tuple[dict[str, Any] | None, Any]:
+        """The task and the answer's headers; ``None`` for the task on ``304`` (``etag``
+        is still current)."""
         params = {} if wait is None else {"wait": wait}
-        read_timeout = self.timeout + (wait or 0)
         response = self._send(
             "GET",
             f"/v1/tasks/{task_id}",
             params=params,
-            timeout=read_timeout,
+            headers={"If-None-Match": etag} if etag else None,
+            timeout=self.timeout + (wait or 0),
             retry_statuses=frozenset({502, 503, 504}),
             retry_network=True,
         )
+        if response.status_code == 304:
+            return None, response.headers
         return response.json(), response.headers
 
     def _request(
