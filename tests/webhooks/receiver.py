@@ -41,6 +41,17 @@ def fail_then_ok(failures: int, status: int = 500) -> Responder:
     return lambda n: Answer(status if n < failures else 200)
 
 
+def fail_first_per_id(receiver: Receiver, status: int = 500) -> Responder:
+    """Answer ``status`` to the first request of each ``webhook-id``, 200 afterwards."""
+
+    def respond(n: int) -> Answer:
+        webhook_id = receiver.requests[n].headers.get("webhook-id")
+        earlier = [r for r in receiver.requests[:n] if r.headers.get("webhook-id") == webhook_id]
+        return Answer(200 if earlier else status)
+
+    return respond
+
+
 class Receiver:
     """Start with ``with Receiver(respond) as r:``; ``r.url`` is where to send."""
 

@@ -188,3 +188,69 @@ def test_retry_after_on_other_statuses_is_ignored(tenant, celery_worker, beat, m
 
     wait_until(lambda: _delivered(task_id), 10, what="delivered well before 30 s")
     assert receiver.requests[1].at - receiver.requests[0].at < 10
+
+
+def test_duplicate_deliver_messages_send_the_delivery_once(
+    tenant, flask_app, celery_worker, make_receiver
+):
+    # The first send is held open while four more messages for the same delivery arrive
+    # at the worker's other threads: the claim (SKIP LOCKED + lease) lets one through.
+    receiver = make_receiver(lambda n: Answer(200, delay=1.0))
+    task_id = finish_task(tenant.tenant_id, receiver.url)
+    delivery_id = deliveries(task_id)[0]["id"]
+    celery_app = flask_app.extensions["celery"]
+    for _ in range(4):
+        celery_app.send_task("outlast.deliver_webhook", args=[delivery_id], queue="webhooks")
+
+    wait_until(lambda: _delivered(task_id), 20, what="delivered")
+    time.sleep(1.0)
+    assert receiver.count() == 1
+    assert deliveries(task_id)[0]["attempts"] == 1
+    assert len(attempts(delivery_id)) == 1
+
+
+def test_submitted_task_posts_task_completed_when_the_echo_agent_finishes(
+    client, auth, tenant, celery_worker, make_receiver
+):
+    receiver = make_receiver()
+    response = client.post(
+        "/v1/tasks",
+        json={"agent": "echo", "input": {"message": "hi", "steps": 2}, "webhook_url": receiver.url},
+        headers=auth,
+    )
+    assert response.status_code == 202, response.get_json()
+    task_id = response.get_json()["id"]
+
+    wait_until(lambda: _delivered(task_id), 30, what="task.completed delivered")
+    (request,) = receiver.requests
+    event = verify_with_reference(tenant.webhook_secret, request)
+    assert event["type"] == "task.completed" and event["task_id"] == task_id
+    assert event["data"]["task"]["result"] == {"message": "hi", "steps": 2}
+    # The webhook is the same event the events endpoint serves.
+    events = client.get(f"/v1/tasks/{task_id}/events", headers=auth).get_json()["data"]
+    assert events[-1] == event
+
+
+def test_task_waiting_for_input_posts_input_required_then_completed(
+    client, auth, tenant, celery_worker, make_receiver
+):
+    receiver = make_receiver()
+    task_id = client.post(
+        "/v1/tasks",
+        json={"agent": "approval", "input": {"question": "ship?"}, "webhook_url": receiver.url},
+        headers=auth,
+    ).get_json()["id"]
+    wait_until(lambda: _delivered(task_id), 30, what="task.input_required delivered")
+    asked = verify_with_reference(tenant.webhook_secret, receiver.requests[0])
+    assert asked["type"] == "task.input_required"
+    assert asked["data"]["task"]["input_request"]["prompt"] == "ship?"
+
+    answer = client.post(
+        f"/v1/tasks/{task_id}/input", json={"input": {"approved": True}}, headers=auth
+    )
+    assert answer.status_code == 202, answer.get_json()
+    wait_until(lambda: _delivered(task_id, 2), 30, what="task.completed delivered")
+    done = verify_with_reference(tenant.webhook_secret, receiver.requests[1])
+    assert done["type"] == "task.completed"
+    assert done["data"]["task"]["result"]["approved"] is True
+    assert done["seq"] > asked["seq"]
