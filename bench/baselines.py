@@ -85,7 +85,8 @@ class CeleryBaseline:
         )
         self.redis = redis_lib.Redis.from_url(self.redis_url)
 
-    def start_worker(self) -> ManagedProcess:
+    def start_worker(self, wait: bool = True) -> ManagedProcess:
+        """Start the worker; ``wait=False`` returns at once (see :meth:`Infra.wait_worker_ready`)."""
         argv = [
             "celery",
             "-A",
@@ -104,7 +105,8 @@ class CeleryBaseline:
             "--without-mingle",
         ]
         self.worker = self.infra.start("baseline-worker", argv, self.env)
-        self.infra.wait_worker_ready(self.worker)
+        if wait:
+            self.infra.wait_worker_ready(self.worker)
         return self.worker
 
     def stop_worker(self) -> None:

@@ -99,14 +99,18 @@ class OutlastStack:
         self.web = self.infra.start("outlast-web", ["outlast", "web"], self.env)
         self.infra.wait_http(self.port, "/healthz")
 
-    def start_worker(self, env: Mapping[str, str] | None = None) -> ManagedProcess:
-        """``outlast worker`` (the Procfile's line, SIGTERM remapped to SIGQUIT)."""
+    def start_worker(
+        self, env: Mapping[str, str] | None = None, wait: bool = True
+    ) -> ManagedProcess:
+        """``outlast worker`` (the Procfile's line, SIGTERM remapped to SIGQUIT);
+        ``wait=False`` returns before it is ready."""
         worker = self.infra.start(
             "outlast-worker",
             ["outlast", "worker", "--concurrency", str(self.worker_concurrency)],
             {**self.env, "REMAP_SIGTERM": "SIGQUIT", **(env or {})},
         )
-        self.infra.wait_worker_ready(worker)
+        if wait:
+            self.infra.wait_worker_ready(worker)
         self.workers.append(worker)
         return worker
 

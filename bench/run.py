@@ -96,9 +96,10 @@ class Run:
         try:
             stack = OutlastStack(self.infra)
             self.outlast = stack
-            stack.start_web()
-            stack.start_worker()
+            worker = stack.start_worker(wait=False)
             stack.start_beat()
+            stack.start_web()
+            self.infra.wait_worker_ready(worker)
             task_id = stack.submit({"message": "hello", "steps": 2})
             stack.wait_completed_via_long_poll(task_id, timeout=30)
             stack.reset()
@@ -112,6 +113,15 @@ class Run:
                     self.infra.stop(self.outlast.web)
             self.outlast = None
 
+    def start_workers(self) -> None:
+        """The baseline worker and Outlast's worker and beat, started side by side."""
+        started = [self.celery.start_worker(wait=False)]
+        if self.outlast is not None and not self.outlast.workers:
+            started.append(self.outlast.start_worker(wait=False))
+            self.outlast.start_beat()
+        for worker in started:
+            self.infra.wait_worker_ready(worker)
+
     # --- sections -------------------------------------------------------------------------
 
     def section_steps(self) -> None:
@@ -119,10 +129,7 @@ class Run:
         contenders = ["raw_celery", "pg_checkpoint", "dbos"]
         if self.outlast is not None:
             contenders.insert(0, "outlast")
-        if self.outlast is not None and not self.outlast.workers:
-            self.outlast.start_worker()
-            self.outlast.start_beat()
-        self.celery.start_worker()
+        self.start_workers()
         many: dict[str, list] = {c: [] for c in contenders}
         alone: dict[str, list] = {c: [] for c in contenders}
         half = max(1, s.chains // 2)
@@ -184,13 +191,10 @@ class Run:
 
     def section_latency(self) -> None:
         s = self.size
-        self.celery.start_worker()
+        self.start_workers()
         samples: dict[str, list[float]] = {"raw_celery": []}
         if self.outlast is not None:
             samples["outlast"] = []
-            if not self.outlast.workers:
-                self.outlast.start_worker()
-                self.outlast.start_beat()
         # Warm both paths (connections, imports) outside the timings.
         self.celery.round_trips(3)
         if self.outlast is not None:
