@@ -27,7 +27,7 @@ from app.settings import database_url_for_sqlalchemy
 ROOT = Path(__file__).resolve().parent.parent
 
 # Redis database numbers: one per contender.
-REDIS_DB = {"outlast": 1, "baseline": 2}
+REDIS_DB = {"outlast": 1, "baseline": 2, "variant": 3, "statements": 4}
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):

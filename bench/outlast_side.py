@@ -58,8 +58,12 @@ class OutlastStack:
         web_threads: int = 4,
         worker_concurrency: int = 2,
         env: Mapping[str, str] | None = None,
+        code_root: str | None = None,
     ):
+        """``code_root``: run the processes from another checkout of Outlast (first on
+        PYTHONPATH), to measure a change beside the current code in the same run."""
         self.infra = infra
+        self.name = name
         self.database_url = infra.create_database(name)
         db.upgrade(self.database_url)
         self.engine = sa.create_engine(self.database_url, pool_size=2)
@@ -67,7 +71,7 @@ class OutlastStack:
             created = tenants.create(conn, f"bench-{uuid.uuid4().hex[:8]}")
         self.api_key = created.api_key
         self.tenant_id = created.tenant_id
-        self.redis_url = infra.redis_url("outlast")
+        self.redis_url = infra.redis_url(name)
         self.port = infra.free_port()
         self.worker_concurrency = worker_concurrency
         self.env = infra.base_env(
@@ -83,6 +87,8 @@ class OutlastStack:
                 **(env or {}),
             }
         )
+        if code_root:
+            self.env["PYTHONPATH"] = f"{code_root}:{self.env['PYTHONPATH']}"
         self.web: ManagedProcess | None = None
         self.workers: list[ManagedProcess] = []
         self.beat: ManagedProcess | None = None
@@ -96,7 +102,7 @@ class OutlastStack:
         return f"http://127.0.0.1:{self.port}"
 
     def start_web(self) -> None:
-        self.web = self.infra.start("outlast-web", ["outlast", "web"], self.env)
+        self.web = self.infra.start(f"{self.name}-web", ["outlast", "web"], self.env)
         self.infra.wait_http(self.port, "/healthz")
 
     def start_worker(
@@ -105,7 +111,7 @@ class OutlastStack:
         """``outlast worker`` (the Procfile's line, SIGTERM remapped to SIGQUIT);
         ``wait=False`` returns before it is ready."""
         worker = self.infra.start(
-            "outlast-worker",
+            f"{self.name}-worker",
             ["outlast", "worker", "--concurrency", str(self.worker_concurrency)],
             {**self.env, "REMAP_SIGTERM": "SIGQUIT", **(env or {})},
         )
@@ -116,7 +122,7 @@ class OutlastStack:
 
     def start_beat(self, env: Mapping[str, str] | None = None) -> None:
         self.beat = self.infra.start(
-            "outlast-beat", ["outlast", "beat"], {**self.env, **(env or {})}
+            f"{self.name}-beat", ["outlast", "beat"], {**self.env, **(env or {})}
         )
 
     def stop_workers(self) -> None:
@@ -136,7 +142,7 @@ class OutlastStack:
         that could hold a message)."""
         with self.engine.begin() as conn:
             conn.exec_driver_sql(f"TRUNCATE {DATA_TABLES}")
-        self.infra.flush_redis("outlast")
+        self.infra.flush_redis(self.name)
 
     # --- the API --------------------------------------------------------------------------
 

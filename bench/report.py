@@ -13,6 +13,7 @@ from bench.stats import fmt, median, percentile, ratio
 
 NAMES = {
     "outlast": "Outlast (echo)",
+    "variant": "Outlast variant (--variant)",
     "raw_celery": "raw Celery",
     "pg_checkpoint": "hand-rolled PG checkpoint",
     "dbos": "DBOS Transact",
@@ -231,11 +232,11 @@ def render(results: dict) -> str:
 
 
 CPU_COMPONENTS = (
-    ("worker", ("outlast-worker", "baseline-worker", "dbos")),
+    ("worker", ("outlast-worker", "variant-worker", "baseline-worker", "dbos")),
     ("PostgreSQL", ("postgres",)),
     ("Redis", ("redis",)),
-    ("web (submission)", ("outlast-web",)),
-    ("beat", ("outlast-beat",)),
+    ("web (submission)", ("outlast-web", "variant-web")),
+    ("beat", ("outlast-beat", "variant-beat")),
 )
 
 
@@ -305,6 +306,7 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
     paths: list[Path] = []
     colors = {
         "outlast": "#2b6cb0",
+        "variant": "#805ad5",
         "raw_celery": "#718096",
         "pg_checkpoint": "#d69e2e",
         "dbos": "#38a169",

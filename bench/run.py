@@ -72,53 +72,71 @@ def log(message: str) -> None:
 class Run:
     """One benchmark run: the contenders, their processes, and the results."""
 
-    def __init__(self, size: Size, sections: tuple[str, ...], outlast: bool):
+    def __init__(
+        self,
+        size: Size,
+        sections: tuple[str, ...],
+        outlast: bool,
+        variant_root: str | None = None,
+    ):
         self.size = size
         self.sections = sections
         self.want_outlast = outlast
+        self.variant_root = variant_root
         self.results: dict = {"meta": report.machine_meta(), "size": size.__dict__}
         self.infra = Infra(keep_logs=True)
-        self.outlast = None
+        # "outlast" (this checkout) and, with --variant, "variant" (another checkout).
+        self.stacks: dict = {}
         self.celery: CeleryBaseline | None = None
         self.dbos: DBOSBaseline | None = None
         self.failed = False
 
     # --- set-up ---------------------------------------------------------------------------
 
+    @property
+    def outlast(self):
+        return self.stacks.get("outlast")
+
     def start_outlast(self) -> None:
-        """Outlast's stack, checked with one echo task; skipped (and said so) if the
-        engine or the API cannot run a task yet."""
+        """Outlast's stack (and the variant's), each checked with one echo task; skipped
+        (and said so) if the engine or the API cannot run a task."""
         if not self.want_outlast:
             self.results["outlast_skipped"] = "--no-outlast"
             return
         from bench.outlast_side import OutlastStack
 
-        try:
-            stack = OutlastStack(self.infra)
-            self.outlast = stack
-            worker = stack.start_worker(wait=False)
-            stack.start_beat()
-            stack.start_web()
-            self.infra.wait_worker_ready(worker)
-            task_id = stack.submit({"message": "hello", "steps": 2})
-            stack.wait_completed_via_long_poll(task_id, timeout=30)
-            stack.reset()
-        except Exception as exc:
-            detail = "".join(traceback.format_exception_only(exc)).strip()
-            log(f"Outlast cannot run a task here yet; measuring baselines only: {detail}")
-            self.results["outlast_skipped"] = detail
-            if self.outlast is not None:
-                self.outlast.stop_workers()
-                if self.outlast.web is not None:
-                    self.infra.stop(self.outlast.web)
-            self.outlast = None
+        wanted = {"outlast": None}
+        if self.variant_root:
+            wanted["variant"] = self.variant_root
+        for name, code_root in wanted.items():
+            stack = None
+            try:
+                stack = OutlastStack(self.infra, name=name, code_root=code_root)
+                worker = stack.start_worker(wait=False)
+                stack.start_beat()
+                stack.start_web()
+                self.infra.wait_worker_ready(worker)
+                task_id = stack.submit({"message": "hello", "steps": 2})
+                stack.wait_completed_via_long_poll(task_id, timeout=30)
+                stack.reset()
+                self.stacks[name] = stack
+            except Exception as exc:
+                detail = "".join(traceback.format_exception_only(exc)).strip()
+                log(f"{name} cannot run a task here; not measured: {detail}")
+                self.results[f"{name}_skipped"] = detail
+                if stack is not None:
+                    stack.stop_workers()
+                    if stack.web is not None:
+                        self.infra.stop(stack.web)
+                    stack.close()
 
     def start_workers(self) -> None:
-        """The baseline worker and Outlast's worker and beat, started side by side."""
+        """The baseline worker and each Outlast's worker and beat, started side by side."""
         started = [self.celery.start_worker(wait=False)]
-        if self.outlast is not None and not self.outlast.workers:
-            started.append(self.outlast.start_worker(wait=False))
-            self.outlast.start_beat()
+        for stack in self.stacks.values():
+            if not stack.workers:
+                started.append(stack.start_worker(wait=False))
+                stack.start_beat()
         for worker in started:
             self.infra.wait_worker_ready(worker)
 
@@ -126,9 +144,7 @@ class Run:
 
     def section_steps(self) -> None:
         s = self.size
-        contenders = ["raw_celery", "pg_checkpoint", "dbos"]
-        if self.outlast is not None:
-            contenders.insert(0, "outlast")
+        contenders = [*self.stacks, "raw_celery", "pg_checkpoint", "dbos"]
         self.start_workers()
         many: dict[str, list] = {c: [] for c in contenders}
         alone: dict[str, list] = {c: [] for c in contenders}
@@ -148,8 +164,9 @@ class Run:
                         self.dbos.run(2, half, s.steps) if n > 1 else self.dbos.run(1, 1, s.steps)
                     )
                 else:
-                    self.outlast.reset()
-                    run = lambda n: self.outlast.run_tasks(n, s.steps)  # noqa: E731
+                    stack = self.stacks[contender]
+                    stack.reset()
+                    run = lambda n, stack=stack: stack.run_tasks(n, s.steps)  # noqa: E731
                 many[contender].append(run(s.chains if contender != "dbos" else 2 * half).as_dict())
                 for _ in range(s.alone_repeats):
                     alone[contender].append(run(1).as_dict())
@@ -158,12 +175,14 @@ class Run:
 
     def section_submit(self) -> None:
         s = self.size
-        if self.outlast is not None:
-            self.outlast.stop_workers()  # nothing consumes: only the web side is measured
+        for stack in self.stacks.values():
+            stack.stop_workers()  # nothing consumes: only the web side is measured
         web = NaiveWeb(self.celery)
         contenders = {"noop": web.noop_request, "naive": web.naive_request}
-        if self.outlast is not None:
-            contenders["outlast"] = self.outlast.submit_request
+        ports = {"noop": web.port, "naive": web.port}
+        for name, stack in self.stacks.items():
+            contenders[name] = stack.submit_request
+            ports[name] = stack.port
         names = list(contenders)
         results: dict[str, dict[str, list]] = {}
         try:
@@ -171,9 +190,8 @@ class Run:
                 for connections in (2, 16):
                     for name in rotate(names, r + connections):
                         log(f"submit round {r + 1}/{s.submit_rounds}: {name} x{connections}")
-                        port = self.outlast.port if name == "outlast" else web.port
                         result = run_load(
-                            port,
+                            ports[name],
                             contenders[name],
                             connections=connections,
                             duration=s.submit_seconds,
@@ -185,25 +203,24 @@ class Run:
         finally:
             web.stop()
         self.celery.reset()
-        if self.outlast is not None:
-            self.outlast.reset()
+        for stack in self.stacks.values():
+            stack.reset()
         self.results["submit"] = results
 
     def section_latency(self) -> None:
         s = self.size
         self.start_workers()
         samples: dict[str, list[float]] = {"raw_celery": []}
-        if self.outlast is not None:
-            samples["outlast"] = []
-        # Warm both paths (connections, imports) outside the timings.
+        # Warm every path (connections, imports) outside the timings.
         self.celery.round_trips(3)
-        if self.outlast is not None:
-            self.outlast.one_step_latencies(3)
+        for name, stack in self.stacks.items():
+            samples[name] = []
+            stack.one_step_latencies(3)
         log(f"latency: {s.latency_samples} samples each, interleaved")
         for _ in range(s.latency_samples):
             samples["raw_celery"] += self.celery.round_trips(1)
-            if self.outlast is not None:
-                samples["outlast"] += self.outlast.one_step_latencies(1)
+            for name, stack in self.stacks.items():
+                samples[name] += stack.one_step_latencies(1)
         self.celery.stop_worker()
         self.results["latency"] = samples
 
@@ -266,8 +283,8 @@ class Run:
             log(f"benchmark failed; process logs kept in {self.infra.log_dir}")
             raise
         finally:
-            if self.outlast is not None:
-                self.outlast.close()
+            for stack in self.stacks.values():
+                stack.close()
             if self.celery is not None:
                 self.celery.close()
             self.infra.keep_logs = self.failed
@@ -293,6 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-outlast", action="store_true", help="measure the baselines only")
     parser.add_argument(
+        "--variant",
+        default=None,
+        metavar="DIR",
+        help="another checkout of Outlast to measure beside this one (steps, submit, latency)",
+    )
+    parser.add_argument(
         "--out", default=None, help="results directory (default bench/results/<time>)"
     )
     parser.add_argument("--no-plots", action="store_true")
@@ -306,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.out
         else ROOT / "bench" / "results" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     )
-    results = Run(SIZES[args.size], sections, outlast=not args.no_outlast).run()
+    results = Run(
+        SIZES[args.size], sections, outlast=not args.no_outlast, variant_root=args.variant
+    ).run()
     results["meta"]["command"] = "python -m bench.run " + " ".join(argv)
     results["meta"]["size"] = args.size
     out.mkdir(parents=True, exist_ok=True)
