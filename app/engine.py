@@ -158,6 +158,23 @@ def run_step(task_id: str, step: int) -> str:
         with db.transaction() as conn:
             fail_timeout(conn, task_id, token=token)
         return "failed"
+    try:
+        return _run_leased(task, step, token, started_at, cfg)
+    except Exception as exc:
+        # Whatever broke after the lease was taken, do not leave it to expire into
+        # worker_lost: a database outage is retried by the Celery task (the reaper then
+        # resumes the step); anything else is this task's failure.
+        if db_errors.is_database_unavailable(exc):
+            raise
+        log.exception("step %d of %s could not run", step, task_id)
+        return _finish_failed(task_id, token, "agent_error", _describe(exc))
+
+
+def _run_leased(
+    task: RowMapping, step: int, token: str, started_at: datetime, cfg: settings_mod.Settings
+) -> str:
+    task_id = task["id"]
+    deadline_at = task["deadline_at"]
     agent = get_agent(task["agent"])
     if agent is None:
         return _finish_failed(
@@ -197,6 +214,8 @@ def run_step(task_id: str, step: int) -> str:
         except Exception as exc:
             if keeper.lost.is_set():
                 return "discarded"  # a cancel or deadline got there first; late errors are moot
+            if db_errors.is_database_unavailable(exc):
+                raise  # not the agent's fault: the Celery task backs off, the reaper resumes
             if is_transient(exc):
                 return _retry_or_fail(task_id, step, token, exc, cfg)
             log.exception("step %d of %s raised", step, task_id)

@@ -59,18 +59,25 @@ def _identity(agent: Agent) -> str:
     return f"{agent.step.__module__}.{agent.step.__qualname__}"
 
 
-def _import(module: str) -> None:
+def _import(module: str, *, required: bool = False) -> None:
     if module in _loaded_modules:
         return
-    importlib.import_module(module)
-    _loaded_modules.add(module)
+    _loaded_modules.add(module)  # tried once: a broken plugin is logged, not retried per lookup
+    try:
+        importlib.import_module(module)
+    except Exception:
+        if required:
+            _loaded_modules.discard(module)
+            raise
+        # One broken plugin must not hide every other agent; its agents are simply unknown.
+        log.exception("could not import agent module %s (from OUTLAST_AGENTS)", module)
 
 
 def load() -> None:
     """Import every agent source not imported yet (idempotent, thread-safe)."""
     global _entry_points_loaded
     with _lock:
-        _import(BUILTIN_MODULE)
+        _import(BUILTIN_MODULE, required=True)
         if not _entry_points_loaded:
             for ep in entry_points(group=ENTRY_POINT_GROUP):
                 try:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -76,13 +77,19 @@ def tasks(tenant) -> Tasks:
     return Tasks(tenant.tenant_id)
 
 
+ROOT = Path(__file__).resolve().parents[2]
 TEST_AGENTS = "tests.engine.agents_for_tests"
 
 
 @pytest.fixture
 def env(env: dict[str, str]) -> dict[str, str]:
     """The engine tests' agents are importable by every process the test starts."""
-    return {**env, "OUTLAST_AGENTS": TEST_AGENTS, "OUTLAST_STEP_RETRY_BASE_SECONDS": "0.2"}
+    return {
+        **env,
+        "OUTLAST_AGENTS": TEST_AGENTS,
+        "OUTLAST_STEP_RETRY_BASE_SECONDS": "0.2",
+        "PYTHONPATH": str(ROOT),  # `tests.engine.agents_for_tests` in worker subprocesses
+    }
 
 
 @pytest.fixture

@@ -179,16 +179,21 @@ def test_tool_5xx_is_retried_inside_the_step_with_the_same_key(celery_worker, ta
     assert "task.retrying" not in tasks.event_types(task_id)
 
 
-def test_transient_step_errors_retry_with_backoff_then_fail(celery_worker, stack, tasks, settings):
+def test_transient_step_errors_retry_with_backoff_then_fail(celery_worker, tasks, settings):
     settings_mod.configure(settings.replace(step_retries=1))
-    stack.start("beat")  # wakes the step retry when its backoff is over
     callee = LocalServer(lambda r: json_answer(503, {}))
     try:
         task_id = tasks.submit("calls", {"url": callee.url})
-        task = tasks.wait_status(task_id, "failed", timeout=30)
+
+        def failed_after_waking_due_timers():
+            sweeps.wake_due_timers()  # what the beat's wake_timers sweep does each second
+            return tasks.get(task_id)["status"] == "failed"
+
+        wait_until(failed_after_waking_due_timers, 30, interval=0.2, what="failed")
     finally:
         callee.close()
 
+    task = tasks.get(task_id)
     assert task["error"]["type"] == "agent_error"
     assert "503" in task["error"]["message"]
     assert tasks.event_types(task_id).count("task.retrying") == 1
