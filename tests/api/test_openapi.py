@@ -1,0 +1,167 @@
+"""/openapi.json is a valid OpenAPI 3 document of every /v1 endpoint; the API never
+answers anything it does not describe (schemathesis); errors are problem+json."""
+
+from __future__ import annotations
+
+import re
+
+import hypothesis
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase
+from hypothesis import strategies as st
+from openapi_spec_validator import validate
+
+from tests.api.conftest import assert_problem
+
+
+def v1_routes(flask_app) -> set[tuple[str, str]]:
+    """(OpenAPI path, method) of every /v1 rule the app serves."""
+    routes = set()
+    for rule in flask_app.url_map.iter_rules():
+        if rule.rule.startswith("/v1/"):
+            path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
+            for method in rule.methods - {"HEAD", "OPTIONS"}:
+                routes.add((path, method.lower()))
+    return routes
+
+
+def test_openapi_document_is_valid_openapi_3(client):
+    response = client.get("/openapi.json")
+    assert response.status_code == 200 and response.mimetype == "application/json"
+    document = response.get_json()
+    assert document["openapi"].startswith("3.")
+    validate(document)
+
+
+def test_openapi_document_lists_every_v1_path_and_method(client, flask_app):
+    document = client.get("/openapi.json").get_json()
+    documented = {
+        (path, method) for path, operations in document["paths"].items() for method in operations
+    }
+    served = v1_routes(flask_app)
+    assert served, "no /v1 route"
+    assert served <= documented, served - documented
+    for path in [
+        "/v1/tasks",
+        "/v1/tasks/{task_id}",
+        "/v1/tasks/{task_id}/steps",
+        "/v1/tasks/{task_id}/cancel",
+        "/v1/tasks/{task_id}/input",
+        "/v1/tasks/{task_id}/events",
+    ]:
+        assert path in document["paths"], path
+
+
+def test_openapi_document_describes_problems_and_bearer_auth(client):
+    document = client.get("/openapi.json").get_json()
+    assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    default_error = document["components"]["responses"]["DEFAULT_ERROR"]
+    assert "application/problem+json" in default_error["content"]
+    submit = document["paths"]["/v1/tasks"]["post"]
+    assert set(submit["responses"]) >= {"202", "400", "409", "413", "415", "422", "503"}
+    assert {"Location", "Idempotent-Replayed"} <= set(submit["responses"]["202"]["headers"])
+
+
+def test_docs_page_renders_the_document(client):
+    response = client.get("/docs")
+    assert response.status_code == 200 and response.mimetype == "text/html"
+    assert "openapi.json" in response.get_data(as_text=True)
+
+
+def test_unknown_route_is_404_problem(client, auth):
+    assert_problem(client.get("/nowhere"), 404, "not_found")
+    assert_problem(client.get("/v1/nowhere", headers=auth), 404, "not_found")
+
+
+def test_wrong_method_is_405_problem_with_allow(client, auth):
+    response = client.delete("/v1/tasks", headers=auth)
+    assert_problem(response, 405, "method_not_allowed")
+    assert set(response.headers["Allow"].split(", ")) >= {"GET", "POST"}
+    assert_problem(client.put("/v1/tasks/tsk_x/cancel", headers=auth), 405, "method_not_allowed")
+
+
+# --- schemathesis ---------------------------------------------------------------------------
+
+# Generated cases per mode (about 20 s each on this shared machine).
+MAX_EXAMPLES = 120
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_document(
+    flask_app, client, auth, mode
+):
+    """Every generated request (valid by the document, or deliberately not) gets an
+    answer the document describes: a documented status, content type, headers and
+    body schema, never a 5xx."""
+    # Some real ids, so that cases reach past the 404 of a random id.
+    task_ids = [
+        client.post(
+            "/v1/tasks", json={"agent": "echo", "input": {"message": "m"}}, headers=auth
+        ).get_json()["id"]
+        for _ in range(2)
+    ]
+    client.post(f"/v1/tasks/{task_ids[1]}/cancel", headers=auth)
+    schema = schemathesis.openapi.from_wsgi("/openapi.json", flask_app)
+    generation_mode = (
+        schemathesis.GenerationMode.POSITIVE
+        if mode == "positive"
+        else schemathesis.GenerationMode.NEGATIVE
+    )
+    strategy = st.one_of(
+        schema.as_strategy(generation_mode=generation_mode),
+        schema.as_strategy(
+            generation_mode=generation_mode,
+            path_parameters={"task_id": task_ids[0]},
+        ),
+        schema.as_strategy(
+            generation_mode=generation_mode,
+            path_parameters={"task_id": task_ids[1]},
+        ),
+        # Valid submissions with generated headers (Idempotency-Key) and metadata.
+        schema["/v1/tasks"]["POST"].as_strategy(
+            generation_mode=generation_mode,
+            body={"agent": "echo", "input": {"message": "generated"}},
+        ),
+    )
+
+    @hypothesis.settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @hypothesis.given(case=strategy)
+    def run(case) -> None:
+        # Long polls are bounded by the document (0..30 s); keep the run short.
+        if case.query and "wait" in case.query:
+            case.query["wait"] = 0
+        response = case.call_and_validate(headers=auth, excluded_checks=EXCLUDED_CHECKS)
+        statuses.setdefault(f"{case.method} {case.path}", set()).add(response.status_code)
+
+    statuses: dict[str, set[int]] = {}
+    run()
+    # The run reached every operation, authenticated, and past the 404 of random ids.
+    seen = set().union(*statuses.values())
+    operations = sum(1 for result in schema.get_all_operations() if result.ok())
+    if mode == "positive":
+        assert len(statuses) == operations, statuses
+        assert 401 not in seen, statuses  # (negative cases may corrupt the Authorization)
+        assert {200, 202} <= statuses["GET /v1/tasks"] | statuses["POST /v1/tasks"], statuses
+    else:  # an operation with nothing to negate but its path id may get no case
+        assert len(statuses) >= operations // 2, statuses
+    assert 422 in seen, statuses
+
+
+def _excluded_checks() -> list:
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+    # An agent's input schema is per agent and not in the document, so a body the
+    # document allows (e.g. agent "abc") is rightly refused with a 422.
+    return [positive_data_acceptance]
+
+
+EXCLUDED_CHECKS = _excluded_checks()
