@@ -11,6 +11,7 @@ reached, 2 bad usage, 3 the task failed, 4 it was cancelled, 5 it waits for inpu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -126,6 +127,7 @@ class _Progress:
     def __init__(self, label: str):
         self.label = label
         self.bar: Any = None
+        self._open = contextlib.ExitStack()
 
     def show(self, progress: dict[str, Any] | None) -> None:
         if not progress or not isinstance(progress.get("total"), int | float):
@@ -133,22 +135,22 @@ class _Progress:
         total = max(int(progress["total"]), 1)
         current = min(max(int(progress.get("current") or 0), 0), total)
         if self.bar is None:
-            self.bar = click.progressbar(
-                length=total,
-                label=self.label,
-                file=sys.stderr,
-                show_pos=True,
-                show_percent=True,
-                item_show_func=lambda message: message,
+            self.bar = self._open.enter_context(
+                click.progressbar(
+                    length=total,
+                    label=self.label,
+                    file=sys.stderr,
+                    show_pos=True,
+                    show_percent=True,
+                    item_show_func=lambda message: message,
+                )
             )
-            self.bar.__enter__()
         self.bar.length = total
         self.bar.update(current - self.bar.pos, current_item=progress.get("message") or None)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
+        self._open.close()  # the bar's last line, finished
+        self.bar = None
 
 
 def _follow(client: Client, task: dict[str, Any], show_bar: bool) -> dict[str, Any]:
