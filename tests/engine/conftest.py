@@ -56,7 +56,7 @@ class Tasks:
         return wait_until(reached, timeout, interval=0.05, what=f"{task_id} in {wanted}")
 
     def scalar(self, sql: str, **params: Any) -> Any:
-        with db.engine().connect() as conn:
+        with db.engine().begin() as conn:
             return conn.execute(sa.text(sql), params).scalar()
 
     def rows(self, sql: str, **params: Any) -> list[sa.RowMapping]:

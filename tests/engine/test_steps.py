@@ -199,3 +199,26 @@ def test_transient_step_errors_retry_with_backoff_then_fail(celery_worker, tasks
     assert tasks.event_types(task_id).count("task.retrying") == 1
     assert callee.count() == 8  # two runs of the step, four tries each
     assert len(callee.keys()) == 1  # all with the call's one key
+
+
+def test_a_step_longer_than_its_lease_keeps_it_by_renewal(celery_worker, tasks, settings):
+    assert settings.lease_seconds == 3
+    task_id = tasks.submit("echo", {"message": "long", "steps": 1, "step_seconds": 4.5})
+    reaped: list[int] = []
+    finished = threading.Event()
+
+    def reaper() -> None:  # the beat's reaper, run far more often than the lease
+        while not finished.wait(0.3):
+            reaped.append(sweeps.reap_expired_leases())
+
+    thread = threading.Thread(target=reaper)
+    thread.start()
+    try:
+        task = tasks.wait_status(task_id, "completed", timeout=30)
+    finally:
+        finished.set()
+        thread.join()
+
+    assert task["attempt"] == 1
+    assert sum(reaped) == 0 and len(reaped) > 10
+    assert "task.retrying" not in tasks.event_types(task_id)

@@ -1,0 +1,140 @@
+"""The beat's sweeps against real PostgreSQL and Redis (no worker: the tests look at the
+rows and messages a sweep leaves behind)."""
+
+from __future__ import annotations
+
+import threading
+
+import redis as redis_lib
+
+from app import db, ids, lifecycle
+from tasks import sweeps
+
+
+def queued_steps(redis_url: str) -> int:
+    client = redis_lib.Redis.from_url(redis_url)
+    try:
+        return client.llen("steps")
+    finally:
+        client.close()
+
+
+def take_lease_and_vanish(tasks, task_id: str) -> None:
+    """What a worker SIGKILLed mid-step leaves: a lease that is never renewed."""
+    with db.transaction() as conn:
+        assert lifecycle.acquire_lease(conn, task_id, 0, ids.new_token(), 0.01) is not None
+    tasks.scalar("SELECT pg_sleep(0.05)")
+
+
+def test_reaper_resumes_an_expired_lease_with_the_next_attempt(flask_app, tasks, redis_url):
+    task_id = tasks.submit("echo", {"message": "x"})
+    take_lease_and_vanish(tasks, task_id)
+    before = queued_steps(redis_url)
+
+    assert sweeps.reap_expired_leases() == 1
+
+    task = tasks.get(task_id)
+    assert task["status"] == "working" and task["attempt"] == 2 and task["lease_token"] is None
+    assert tasks.event_types(task_id)[-1] == "task.retrying"
+    assert queued_steps(redis_url) == before + 1  # a new message for the same step
+    assert sweeps.reap_expired_leases() == 0
+
+
+def test_reaper_fails_the_last_attempt_with_worker_lost(flask_app, tasks, settings):
+    task_id = tasks.submit("echo", {"message": "x"})
+    tasks.scalar(
+        "UPDATE tasks SET attempt = :max WHERE id = :id RETURNING 1",
+        id=task_id,
+        max=settings.max_attempts,
+    )
+    take_lease_and_vanish(tasks, task_id)
+
+    sweeps.reap_expired_leases()
+
+    task = tasks.get(task_id)
+    assert task["status"] == "failed"
+    assert task["error"]["type"] == "worker_lost"
+
+
+def test_two_reapers_at_once_reclaim_each_lease_exactly_once(flask_app, tasks):
+    task_ids = [tasks.submit("echo", {"message": str(i)}) for i in range(30)]
+    for task_id in task_ids:
+        take_lease_and_vanish(tasks, task_id)
+    counts: list[int] = []
+    start = threading.Barrier(2)
+
+    def reap() -> None:
+        start.wait()
+        counts.append(sweeps.reap_expired_leases())
+
+    threads = [threading.Thread(target=reap) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+
+    assert sum(counts) == 30
+    attempts = tasks.rows("SELECT attempt FROM tasks WHERE id = ANY(:ids)", ids=task_ids)
+    assert {r["attempt"] for r in attempts} == {2}
+    retrying = tasks.scalar(
+        "SELECT count(*) FROM events WHERE type = 'task.retrying' AND task_id = ANY(:ids)",
+        ids=task_ids,
+    )
+    assert retrying == 30
+
+
+def test_lost_message_sweep_resends_only_what_the_queue_lacks(flask_app, tasks, redis_url):
+    # Given: every worker is down; 5 tasks wait with their messages queued for an hour
+    task_ids = [tasks.submit("echo", {"message": str(i)}) for i in range(5)]
+    tasks.scalar("UPDATE tasks SET dispatched_at = now() - interval '1 hour' RETURNING 1")
+    assert queued_steps(redis_url) == 5
+
+    # Then nothing is re-sent: they are queued, not lost (no flood of duplicates)
+    assert sweeps.redispatch_lost_messages() == 0
+    assert queued_steps(redis_url) == 5
+
+    # When Redis loses the messages
+    redis_lib.Redis.from_url(redis_url).delete("steps")
+
+    # Then each task gets one new message, and a second sweep adds none
+    assert sweeps.redispatch_lost_messages() == 5
+    assert queued_steps(redis_url) == 5
+    tasks.scalar("UPDATE tasks SET dispatched_at = now() - interval '1 hour' RETURNING 1")
+    assert sweeps.redispatch_lost_messages() == 0
+    assert {r["status"] for r in tasks.rows("SELECT status::text FROM tasks")} == {"pending"}
+    assert len(task_ids) == 5
+
+
+def test_recently_dispatched_tasks_are_not_counted_lost(flask_app, tasks, redis_url):
+    tasks.submit("echo", {"message": "fresh"})
+    redis_lib.Redis.from_url(redis_url).delete("steps")
+
+    assert sweeps.redispatch_lost_messages() == 0  # younger than lost_after_seconds
+
+
+def test_expired_keys_and_old_terminal_tasks_are_purged(settings, tasks, tenant):
+    old_done = tasks.submit("echo", {"message": "old"})
+    recent_done = tasks.submit("echo", {"message": "recent"})
+    old_active = tasks.submit("echo", {"message": "still running"})
+    with db.transaction() as conn:
+        for task_id in (old_done, recent_done):
+            lifecycle.cancel(conn, task_id, tenant.tenant_id)
+    tasks.scalar(
+        "UPDATE tasks SET finished_at = now() - interval '31 days', "
+        "created_at = now() - interval '31 days' WHERE id IN (:a, :b) RETURNING 1",
+        a=old_done,
+        b=old_active,
+    )
+    tasks.scalar(
+        "INSERT INTO idempotency_keys (tenant_id, key, fingerprint, expires_at) VALUES "
+        "(:t, 'gone', 'f', now() - interval '1 second'), "
+        "(:t, 'kept', 'f', now() + interval '1 hour') RETURNING 1",
+        t=tenant.tenant_id,
+    )
+
+    assert sweeps.purge_old_tasks() == 1
+    assert sweeps.expire_idempotency_keys() == 1
+
+    remaining = {r["id"] for r in tasks.rows("SELECT id FROM tasks")}
+    assert remaining == {recent_done, old_active}
+    assert [r["key"] for r in tasks.rows("SELECT key FROM idempotency_keys")] == ["kept"]
