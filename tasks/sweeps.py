@@ -178,7 +178,12 @@ def redispatch_lost_messages(limit: int = BATCH) -> int:
         idle = _count_idle(conn)
         if idle == 0:
             return 0
-        missing = idle - _queued_step_messages()
+        try:
+            queued = _queued_step_messages()
+        except Exception as exc:  # broker down: nothing can be sent anyway
+            log.warning("lost-message sweep skipped: broker unavailable: %s", exc)
+            return 0
+        missing = idle - queued
         if missing <= 0:
             return 0
         rows = conn.execute(
