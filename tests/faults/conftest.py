@@ -5,6 +5,8 @@ and a way to start the Procfile's processes and wait until they serve.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -12,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import requests
 import sqlalchemy as sa
@@ -19,7 +22,7 @@ import sqlalchemy as sa
 from app import db, tenants
 from app.embedded import EmbeddedPostgres, EmbeddedRedis
 from app.processes import ManagedProcess
-from tests.faults.ledger import Ledger
+from tests.faults.ledger import Ledger, Request
 from tests.faults.watcher import TERMINAL, StatusWatcher
 from tests.harness import Stack, wait_until
 
@@ -232,6 +235,20 @@ class Processes:
                     raise AssertionError(f"{exc}\n{self.stack.logs()}") from exc
         return procs
 
+    def spawn(self, name: str) -> ManagedProcess:
+        """Start ``name`` without waiting for it (a platform restarting a dead process)."""
+        return self.stack.start(name)
+
+    def holder_of(self, request: Request) -> ManagedProcess:
+        """The process (group) whose socket made ``request``, found by its client port."""
+        for conn in psutil.net_connections("tcp"):
+            if conn.pid and conn.laddr and conn.laddr.port == request.client_port:
+                group = os.getpgid(conn.pid)
+                for proc in self.stack.processes:
+                    if proc.alive() and proc.pid == group:
+                        return proc
+        raise AssertionError(f"no live process holds the connection of {request}")
+
     def kill(self, proc: ManagedProcess) -> float:
         """SIGKILL the whole process group; the monotonic time of the kill."""
         at = time.monotonic()
@@ -246,8 +263,15 @@ class Processes:
 
 
 @pytest.fixture
-def procs(stack: Stack) -> Processes:
-    return Processes(stack)
+def procs(stack: Stack) -> Iterator[Processes]:
+    p = Processes(stack)
+    yield p
+    # A graceful stop waits for running steps (up to the soft shutdown timeout); what a
+    # fault test leaves running is of no interest, so end it the quick way.
+    for proc in stack.processes:
+        if proc.alive():
+            proc.signal_group(signal.SIGKILL)
+    stack.stop_all()
 
 
 def celery_client(redis_url: str):

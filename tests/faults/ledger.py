@@ -33,6 +33,7 @@ class Request:
     headers: dict[str, str]
     body: Any
     arrived: float  # time.monotonic()
+    client_port: int = 0  # the caller's TCP port: tells which process made the call
     answered: float | None = None  # None while the handler holds it (in flight)
     status: int | None = None
 
@@ -96,7 +97,7 @@ class Ledger:
                 except ValueError:
                     body = raw.decode(errors="replace")
                 headers = {k.lower(): v for k, v in self.headers.items()}
-                request, rule = ledger._arrive(self.path, headers, body)
+                request, rule = ledger._arrive(self.path, headers, body, self.client_address[1])
                 if rule is not None and rule.delay:
                     ledger._closing.wait(rule.delay)
                 status = rule.status if rule is not None else 200
@@ -172,9 +173,13 @@ class Ledger:
 
     # --- the server's side ------------------------------------------------------------------
 
-    def _arrive(self, path: str, headers: dict[str, str], body: Any) -> tuple[Request, Rule | None]:
+    def _arrive(
+        self, path: str, headers: dict[str, str], body: Any, client_port: int
+    ) -> tuple[Request, Rule | None]:
         with self._changed:
-            request = Request(len(self.requests), path, headers, body, time.monotonic())
+            request = Request(
+                len(self.requests), path, headers, body, time.monotonic(), client_port
+            )
             self.requests.append(request)
             rule = next((r for r in self.rules if r.take(request)), None)
             self._changed.notify_all()

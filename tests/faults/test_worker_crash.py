@@ -17,7 +17,7 @@ import time
 import pytest
 
 from tests.faults.conftest import Client, new_tenant, query
-from tests.faults.ledger import Ledger
+from tests.faults.ledger import Ledger, Request
 from tests.faults.watcher import TERMINAL
 from tests.harness import wait_until
 
@@ -42,22 +42,21 @@ def assert_one_key_per_step(ledger: Ledger, task_id: str, calls: int) -> dict[in
 def test_sigkilled_worker_resumes_on_live_worker_repeating_only_the_interrupted_call(
     stack, procs, ledger, watcher, database_url
 ):
-    # Given web, beat and one worker, and a calls task whose third call hangs
+    # Given web, beat and two workers, and a calls task whose third call hangs
     tenant = new_tenant(database_url)
-    web, beat, doomed = procs.start("web", "beat", "worker")
+    procs.start("web", "beat", "worker", "worker")
     api = Client(stack.base_url, tenant.api_key)
     watcher.start(database_url, stack.base_url, tenant.api_key)
     ledger.hold_call(step=2, seconds=HOLD, times=1)
     task = api.create("calls", {"url": ledger.url + "/calls", "calls": 5, "step_seconds": 0.2})
     watcher.track(task["id"])
 
-    # When the worker is SIGKILLed while that call is in flight, with a second worker live
+    # When the worker making that call is SIGKILLed (its whole process group)
     held = ledger.wait_in_flight(task["id"], step=2)
-    (survivor,) = procs.start("worker")
     assert api.get(task["id"])["status"] == "working"
-    killed_at = procs.kill(doomed)
+    killed_at = procs.kill(procs.holder_of(held))
 
-    # Then the survivor re-runs the interrupted call within lease + reaper interval
+    # Then the other worker re-runs the interrupted call within lease + reaper interval
     rerun = ledger.wait_for(
         lambda rs: next(
             (r for r in rs if r.task_id == task["id"] and r.step == 2 and r.seq > held.seq), None
@@ -68,7 +67,7 @@ def test_sigkilled_worker_resumes_on_live_worker_repeating_only_the_interrupted_
     recovery = rerun.arrived - killed_at
     print(f"FIGURE worker_kill_recovery_seconds={recovery:.2f}")
     assert recovery <= LEASE + REAPER + 5.0, f"resumed after {recovery:.1f}s"
-    procs.start("worker")  # and the killed worker comes back, as a platform would restart it
+    procs.spawn("worker")  # and the killed worker comes back, as a platform would restart it
 
     done = api.wait_terminal(task["id"], timeout=60)
     assert done["status"] == "completed", done
@@ -101,7 +100,7 @@ def test_task_survives_three_worker_kills_and_completes(
 ):
     # Given a calls task whose calls 1, 2 and 3 each hang the first time they are made
     tenant = new_tenant(database_url)
-    web, beat, worker = procs.start("web", "beat", "worker")
+    procs.start("web", "beat", "worker", "worker")
     api = Client(stack.base_url, tenant.api_key)
     watcher.start(database_url, stack.base_url, tenant.api_key)
     for step in (1, 2, 3):
@@ -109,12 +108,12 @@ def test_task_survives_three_worker_kills_and_completes(
     task = api.create("calls", {"url": ledger.url + "/calls", "calls": 5})
     watcher.track(task["id"])
 
-    # When the worker is killed inside each of those calls and restarted every time
+    # When the worker making each of those calls is killed, and restarted every time
     for step in (1, 2, 3):
-        ledger.wait_in_flight(task["id"], step=step, timeout=45)
-        procs.kill(worker)
+        held = ledger.wait_in_flight(task["id"], step=step, timeout=45)
+        procs.kill(procs.holder_of(held))
         assert api.get(task["id"])["status"] == "working"
-        (worker,) = procs.start("worker")
+        procs.spawn("worker")
 
     # Then the task completes, on its fourth attempt, each interrupted call made twice
     done = api.wait_terminal(task["id"], timeout=60)
@@ -132,7 +131,7 @@ def test_losing_the_worker_in_every_allowed_attempt_fails_the_task_with_worker_l
     max_attempts = 2
     stack.env["OUTLAST_MAX_ATTEMPTS"] = str(max_attempts)
     tenant = new_tenant(database_url)
-    web, beat, worker = procs.start("web", "beat", "worker")
+    procs.start("web", "beat", "worker", "worker")
     api = Client(stack.base_url, tenant.api_key)
     watcher.start(database_url, stack.base_url, tenant.api_key)
     ledger.hold_call(step=0, seconds=HOLD, times=None)
@@ -140,20 +139,21 @@ def test_losing_the_worker_in_every_allowed_attempt_fails_the_task_with_worker_l
     watcher.track(task["id"])
 
     # When the worker is killed inside the call more times than attempts are allowed
-    def next_call_or_end(made: int) -> str | None:
+    def next_call_or_end(made: int) -> Request | str | None:
         calls = ledger.snapshot("/calls", task["id"])
         if len(calls) > made and calls[-1].answered is None:
-            return "call in flight"
+            return calls[-1]
         return "terminal" if api.get(task["id"])["status"] in TERMINAL else None
 
     kills = 0
     for _ in range(max_attempts + 1):
         made = len(ledger.snapshot("/calls", task["id"]))
-        if wait_until(lambda made=made: next_call_or_end(made), 30, 0.1) == "terminal":
+        held = wait_until(lambda made=made: next_call_or_end(made), 30, 0.1)
+        if held == "terminal":
             break  # nothing runs the task any more: the extra kill has nothing to hit
-        procs.kill(worker)
+        procs.kill(procs.holder_of(held))
         kills += 1
-        (worker,) = procs.start("worker")
+        procs.spawn("worker")
 
     # Then the task fails with worker_lost after the last allowed attempt, not stuck
     done = api.wait_terminal(task["id"], timeout=30)
