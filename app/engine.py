@@ -79,7 +79,7 @@ class LeaseKeeper:
         while not self._stop.wait(interval):
             try:
                 if self.deadline_passed():
-                    with db.engine().begin() as conn:
+                    with db.transaction() as conn:  # publishes the webhook delivery at once
                         fail_timeout(conn, self.task_id, token=self.token)
                     self.lost.set()
                     return
