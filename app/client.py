@@ -399,9 +399,11 @@ class Client:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise WaitTimeout(task_id, timeout or 0.0, task)
+            first = task is None
             wait_for = None
-            if task is not None and long_poll:
+            if not first and long_poll:
                 wait_for = int(min(LONG_POLL_MAX_SECONDS, remaining or LONG_POLL_MAX_SECONDS))
+                wait_for = wait_for or None  # under a second left: a plain read, then a pause
             started = time.monotonic()
             pause = 0.0
             try:
@@ -426,7 +428,7 @@ class Client:
                 if changed:
                     delay = BACKOFF_MIN_SECONDS
                 early = wait_for is not None and time.monotonic() - started < wait_for / 2
-                if not long_poll or (early and not changed):
+                if not first and (wait_for is None or (early and not changed)):
                     pause = max(delay, _retry_after(headers) or 0.0)
                     delay = min(BACKOFF_MAX_SECONDS, delay * 2)
             if pause:
