@@ -6,7 +6,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 import requests
 import sqlalchemy as sa
 
@@ -71,15 +70,15 @@ def test_keys_are_scoped_to_the_tenant(client, auth, other_auth):
     assert theirs.get_json()["id"] != mine.get_json()["id"]
 
 
-@pytest.mark.parametrize("key", ["", "x" * 256, "caf\u00e9", "tab\there"])
-def test_empty_long_or_non_printable_key_is_400(client, auth, key):
-    response = client.post(
-        "/v1/tasks",
-        json=BODY,
-        headers={**auth, "Idempotency-Key": key.encode("utf-8").decode("latin-1")},
-    )
-    assert_problem(response, 400, "invalid_idempotency_key")
-    assert count_tasks() == 0
+def test_empty_long_or_non_printable_key_is_400(client, auth):
+    for key in ["", "x" * 256, "caf\u00e9", "tab\there"]:
+        response = client.post(
+            "/v1/tasks",
+            json=BODY,
+            headers={**auth, "Idempotency-Key": key.encode("utf-8").decode("latin-1")},
+        )
+        assert_problem(response, 400, "invalid_idempotency_key")
+        assert count_tasks() == 0
 
 
 def test_key_of_255_printable_characters_is_accepted(client, auth):

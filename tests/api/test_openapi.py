@@ -84,7 +84,7 @@ def test_wrong_method_is_405_problem_with_allow(client, auth):
 # --- schemathesis ---------------------------------------------------------------------------
 
 # Generated cases per mode (about 20 s each on this shared machine).
-MAX_EXAMPLES = 120
+MAX_EXAMPLES = 100
 
 
 @pytest.mark.slow

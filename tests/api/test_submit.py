@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 
-import pytest
 import sqlalchemy as sa
 
 from app import db
@@ -65,15 +64,15 @@ def test_invalid_json_is_400_invalid_json(client, auth):
         assert_problem(response, 400, "invalid_json")
 
 
-@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
-def test_non_json_content_type_is_415(client, auth, content_type):
-    headers = dict(auth)
-    if content_type:
-        headers["Content-Type"] = content_type
-    body = json.dumps({"agent": "echo", "input": {"message": "x"}})
-    assert_problem(
-        client.post("/v1/tasks", data=body, headers=headers), 415, "unsupported_media_type"
-    )
+def test_non_json_content_type_is_415(client, auth):
+    for content_type in [None, "text/plain", "application/x-www-form-urlencoded"]:
+        headers = dict(auth)
+        if content_type:
+            headers["Content-Type"] = content_type
+        body = json.dumps({"agent": "echo", "input": {"message": "x"}})
+        assert_problem(
+            client.post("/v1/tasks", data=body, headers=headers), 415, "unsupported_media_type"
+        )
 
 
 def test_json_content_type_with_charset_or_suffix_is_accepted(client, auth):
@@ -94,9 +93,8 @@ def test_body_over_max_body_bytes_is_413(make_app, tenant):
     assert_problem(client.post("/v1/tasks", json=big, headers=auth), 413, "payload_too_large")
 
 
-@pytest.mark.parametrize(
-    ("body", "field"),
-    [
+def test_invalid_submission_is_422_naming_the_field(client, auth):
+    for body, field in [
         ({"agent": "no-such-agent"}, "agent"),
         ({"input": {"message": "x"}}, "agent"),
         ({"agent": 5, "input": {"message": "x"}}, "agent"),
@@ -121,15 +119,13 @@ def test_body_over_max_body_bytes_is_413(make_app, tenant):
         ({"agent": "echo", "input": {"message": "x"}, "webhook_url": 7}, "webhook_url"),
         ({"agent": "echo", "input": {"message": "x"}, "timeout": 60}, "timeout"),
         ({"agent": "echo", "input": {"message": "x\u0000"}}, "input.message"),
-    ],
-)
-def test_invalid_submission_is_422_naming_the_field(client, auth, body, field):
-    problem = assert_problem(
-        client.post("/v1/tasks", json=body, headers=auth), 422, "validation_error"
-    )
-    assert field in problem["errors"], problem["errors"]
-    assert all(isinstance(m, str) for m in problem["errors"][field])
-    assert client.get("/v1/tasks", headers=auth).get_json()["data"] == []
+    ]:
+        problem = assert_problem(
+            client.post("/v1/tasks", json=body, headers=auth), 422, "validation_error"
+        )
+        assert field in problem["errors"], problem["errors"]
+        assert all(isinstance(m, str) for m in problem["errors"][field])
+        assert client.get("/v1/tasks", headers=auth).get_json()["data"] == []
 
 
 def test_body_that_is_not_an_object_is_422(client, auth):
@@ -157,9 +153,8 @@ def test_timeout_seconds_bounds_are_inclusive(client, auth):
     assert submit(client, auth, timeout_seconds=604800)["status"] == "pending"
 
 
-@pytest.mark.parametrize(
-    "url",
-    [
+def test_private_or_non_http_webhook_url_is_422(make_app, tenant):
+    for url in [
         "http://127.0.0.1/hook",
         "http://localhost/hook",
         "http://10.0.0.8/hook",
@@ -173,16 +168,14 @@ def test_timeout_seconds_bounds_are_inclusive(client, auth):
         "http://0.0.0.0/hook",
         "javascript:alert(1)",
         "https://user:pw@8.8.8.8/hook",
-    ],
-)
-def test_private_or_non_http_webhook_url_is_422(make_app, tenant, url):
-    client = make_app(webhook_allow_private=False).test_client()
-    auth = {"Authorization": f"Bearer {tenant.api_key}"}
-    body = {"agent": "echo", "input": {"message": "x"}, "webhook_url": url}
-    problem = assert_problem(
-        client.post("/v1/tasks", json=body, headers=auth), 422, "validation_error"
-    )
-    assert list(problem["errors"]) == ["webhook_url"]
+    ]:
+        client = make_app(webhook_allow_private=False).test_client()
+        auth = {"Authorization": f"Bearer {tenant.api_key}"}
+        body = {"agent": "echo", "input": {"message": "x"}, "webhook_url": url}
+        problem = assert_problem(
+            client.post("/v1/tasks", json=body, headers=auth), 422, "validation_error"
+        )
+        assert list(problem["errors"]) == ["webhook_url"]
 
 
 def test_public_webhook_url_is_accepted_and_private_one_when_allowed(make_app, tenant):
