@@ -83,7 +83,8 @@ class CeleryBaseline:
             result_serializer="json",
             broker_connection_retry_on_startup=True,
         )
-        self.redis = redis_lib.Redis.from_url(self.redis_url)
+        # A generous socket timeout: BLPOP waits up to a second, on a busy machine.
+        self.redis = redis_lib.Redis.from_url(self.redis_url, socket_timeout=30)
 
     def start_worker(self, wait: bool = True) -> ManagedProcess:
         """Start the worker; ``wait=False`` returns at once (see :meth:`Infra.wait_worker_ready`)."""
@@ -138,7 +139,7 @@ class CeleryBaseline:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"{task_name}: {len(finished)}/{chains} chains finished")
-            item = self.redis.blpop([baseline_schema.DONE_KEY], timeout=min(left, 5))
+            item = self.redis.blpop([baseline_schema.DONE_KEY], timeout=1)
             if item is not None:
                 finished.append(json.loads(item[1])["finished"])
         return ChainRun(chains, steps, max(finished) - started, meter.stop())

@@ -100,6 +100,8 @@ class Infra:
 
     def redis_url(self, contender: str) -> str:
         """The Redis URL (its own database number) of ``contender``."""
+        if contender not in REDIS_DB:  # any other stack gets the next free number
+            REDIS_DB[contender] = max(REDIS_DB.values()) + 1
         base = self.redis_base.rstrip("/")
         scheme, _, rest = base.partition("://")
         host = rest.split("/", 1)[0]

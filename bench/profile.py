@@ -172,7 +172,7 @@ def _statement_kind(sql: str) -> str:
         return verb
     if sql.strip().upper() == "SELECT 1":
         return "SELECT 1 (pool pre-ping)"
-    if "pg_notify" in sql:
+    if verb == "SELECT" and "pg_notify" in sql:
         return "SELECT pg_notify"
     upper = [w.upper() for w in words]
     marker = {"INSERT": "INTO", "UPDATE": "UPDATE"}.get(verb, "FROM")
@@ -183,7 +183,9 @@ def _statement_kind(sql: str) -> str:
     return verb
 
 
-def count_statements(infra: Infra, tasks: int = 5, steps: int = 20) -> dict:
+def count_statements(
+    infra: Infra, tasks: int = 5, steps: int = 20, code_root: str | None = None
+) -> dict:
     """Statements PostgreSQL receives per submission and per step (log_statement=all
     on a private server; each statement is one round trip)."""
     from bench.outlast_side import OutlastStack
@@ -195,7 +197,7 @@ def count_statements(infra: Infra, tasks: int = 5, steps: int = 20) -> dict:
         conn.exec_driver_sql("ALTER SYSTEM SET log_statement = 'all'")
         conn.exec_driver_sql("SELECT pg_reload_conf()")
     log_path = infra._pg.data_dir / "log"
-    stack = OutlastStack(infra, name="statements")
+    stack = OutlastStack(infra, name="statements", code_root=code_root)
     try:
         stack.start_web()
         time.sleep(1.0)
@@ -272,6 +274,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "profile"))
     parser.add_argument("--what", default="statements,submit,steps")
+    parser.add_argument("--root", default=None, help="count statements of another checkout")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -284,7 +287,7 @@ def main(argv: list[str]) -> int:
         stack.start_web()
         what = args.what.split(",")
         if "statements" in what:
-            text.append(render_statements(count_statements(infra)))
+            text.append(render_statements(count_statements(infra, code_root=args.root)))
         if "submit" in what:
             text.append(
                 render(

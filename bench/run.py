@@ -78,11 +78,13 @@ class Run:
         sections: tuple[str, ...],
         outlast: bool,
         variant_root: str | None = None,
+        only_contenders: tuple[str, ...] = (),
     ):
         self.size = size
         self.sections = sections
         self.want_outlast = outlast
         self.variant_root = variant_root
+        self.only_contenders = only_contenders
         self.results: dict = {"meta": report.machine_meta(), "size": size.__dict__}
         self.infra = Infra(keep_logs=True)
         # "outlast" (this checkout) and, with --variant, "variant" (another checkout).
@@ -145,9 +147,12 @@ class Run:
     def section_steps(self) -> None:
         s = self.size
         contenders = [*self.stacks, "raw_celery", "pg_checkpoint", "dbos"]
+        if self.only_contenders:
+            contenders = [c for c in contenders if c in self.only_contenders]
         self.start_workers()
         many: dict[str, list] = {c: [] for c in contenders}
         alone: dict[str, list] = {c: [] for c in contenders}
+        self.results["steps"] = {"many": many, "alone": alone}  # filled as rounds finish
         half = max(1, s.chains // 2)
         for r in range(s.rounds):
             for contender in rotate(contenders, r):
@@ -171,7 +176,6 @@ class Run:
                 for _ in range(s.alone_repeats):
                     alone[contender].append(run(1).as_dict())
         self.celery.stop_worker()
-        self.results["steps"] = {"many": many, "alone": alone}
 
     def section_submit(self) -> None:
         s = self.size
@@ -270,7 +274,9 @@ class Run:
         started = time.monotonic()
         try:
             self.celery = CeleryBaseline(self.infra)
-            if "steps" in self.sections:
+            if "steps" in self.sections and (
+                not self.only_contenders or "dbos" in self.only_contenders
+            ):
                 self.dbos = DBOSBaseline(self.infra)
             self.start_outlast()
             for section in SECTIONS:
@@ -319,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default=None, help="results directory (default bench/results/<time>)"
     )
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument(
+        "--contenders",
+        default="",
+        help="steps section only: measure just these (outlast,variant,raw_celery,pg_checkpoint,dbos)",
+    )
     args = parser.parse_args(argv)
     sections = tuple(x.strip() for x in args.only.split(",") if x.strip())
     unknown = set(sections) - set(SECTIONS)
@@ -329,13 +340,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.out
         else ROOT / "bench" / "results" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     )
-    results = Run(
-        SIZES[args.size], sections, outlast=not args.no_outlast, variant_root=args.variant
-    ).run()
+    run = Run(
+        SIZES[args.size],
+        sections,
+        outlast=not args.no_outlast,
+        variant_root=args.variant,
+        only_contenders=tuple(c for c in args.contenders.split(",") if c),
+    )
+    results = run.results
     results["meta"]["command"] = "python -m bench.run " + " ".join(argv)
     results["meta"]["size"] = args.size
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    try:
+        run.run()
+    finally:  # a failed run still leaves what it measured
+        (out / "results.json").write_text(json.dumps(results, indent=1))
     text = report.render(results)
     (out / "report.md").write_text(text)
     print(text)
