@@ -83,6 +83,7 @@ class Settings:
     webhook_timeout_seconds: float = 10.0
     webhook_sweep_seconds: float = 5.0
     webhook_allow_private: bool = False
+    tools_deny_private: bool = False  # OUTLAST_TOOLS_DENY_PRIVATE: SSRF guard on agent tools
     max_body_bytes: int = 1048576
     task_retention_days: int = 30
     agents: tuple[str, ...] = ()
@@ -126,6 +127,7 @@ class Settings:
             webhook_timeout_seconds=_float(env, "OUTLAST_WEBHOOK_TIMEOUT_SECONDS", 10.0, 0.1, 600),
             webhook_sweep_seconds=_float(env, "OUTLAST_WEBHOOK_SWEEP_SECONDS", 5.0, 0.1, 3600),
             webhook_allow_private=_bool(env, "OUTLAST_WEBHOOK_ALLOW_PRIVATE", False),
+            tools_deny_private=_bool(env, "OUTLAST_TOOLS_DENY_PRIVATE", False),
             max_body_bytes=_int(env, "OUTLAST_MAX_BODY_BYTES", 1048576, 1, 1 << 31),
             task_retention_days=_int(env, "OUTLAST_TASK_RETENTION_DAYS", 30, 1, 100000),
             agents=tuple(m.strip() for m in env.get("OUTLAST_AGENTS", "").split(",") if m.strip()),

@@ -166,7 +166,7 @@ def test_each_procfile_line_starts_with_only_environment_variables(stack):
     flower = stack.start("flower", {"OUTLAST_FLOWER_BASIC_AUTH": "ops:s3cret"})
     stack.wait_ready()
     stack.wait_worker_ready(worker)
-    wait_until(lambda: "beat: Starting" in beat.log_text(), 30, what="beat start")
+    wait_until(lambda: "beat: Starting" in beat.log_text(), 90, what="beat start")
     flower_url = f"http://127.0.0.1:{flower.port}/api/workers"
 
     def flower_answers():
@@ -175,7 +175,7 @@ def test_each_procfile_line_starts_with_only_environment_variables(stack):
         except requests.RequestException:
             return False
 
-    wait_until(flower_answers, 30, what="flower 401 without credentials")
+    wait_until(flower_answers, 90, what="flower 401 without credentials")
     assert requests.get(flower_url, auth=("ops", "s3cret"), timeout=5).status_code == 200
     assert web.alive() and worker.alive() and beat.alive() and flower.alive()
 
@@ -261,3 +261,41 @@ def _all_cmdlines() -> list[str]:
             except OSError:
                 pass
     return out
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("rediss://h:6380/0", "CERT_REQUIRED"),
+        ("rediss://h:6380/0?ssl_cert_reqs=none", "CERT_NONE"),
+        ("rediss://h:6380/0?ssl_cert_reqs=CERT_OPTIONAL", "CERT_OPTIONAL"),
+    ],
+)
+def test_rediss_urls_verify_certificates_unless_the_url_says_otherwise(url, expected):
+    from workers.celery_app import celery_config
+
+    config = celery_config(Settings.from_env({"REDIS_URL": url}))
+    assert config["broker_use_ssl"]["ssl_cert_reqs"].name == expected
+    assert config["redis_backend_use_ssl"]["ssl_cert_reqs"].name == expected
+
+
+def test_rediss_url_with_an_unknown_cert_mode_is_refused():
+    from workers.celery_app import celery_config
+
+    with pytest.raises(SettingsError, match="ssl_cert_reqs"):
+        celery_config(Settings.from_env({"REDIS_URL": "rediss://h/0?ssl_cert_reqs=maybe"}))
+
+
+def test_every_sweep_message_expires_so_none_pile_up_without_workers():
+    from workers.beat import beat_schedule
+
+    schedule = beat_schedule(Settings.from_env({}))
+    assert {e["task"] for e in schedule.values()} >= {
+        "outlast.sweep.reap",
+        "outlast.sweep.relay_outbox",
+        "outlast.sweep.wake_timers",
+        "outlast.sweep.webhooks",
+        "outlast.sweep.redispatch_lost",
+    }
+    for entry in schedule.values():
+        assert 0 < entry["options"]["expires"] <= max(2 * entry["schedule"], 2.0)

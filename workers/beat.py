@@ -12,17 +12,20 @@ from app.settings import Settings
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Sweep name -> Celery beat entry. Each message expires after two of its intervals:
+    with every worker down, the next sweep supersedes it instead of piling up."""
     reap = settings.reaper_interval_seconds
+    every = {
+        "reap-expired-leases": ("outlast.sweep.reap", reap),
+        "relay-outbox": ("outlast.sweep.relay_outbox", min(reap, 2.0)),
+        "wake-timers": ("outlast.sweep.wake_timers", min(reap, 1.0)),
+        "expire-deadlines": ("outlast.sweep.expire_deadlines", reap),
+        "redispatch-lost": ("outlast.sweep.redispatch_lost", reap),
+        "webhook-retries": ("outlast.sweep.webhooks", settings.webhook_sweep_seconds),
+        "expire-idempotency-keys": ("outlast.sweep.expire_keys", reap),
+        "purge-old-tasks": ("outlast.sweep.purge", 3600.0),
+    }
     return {
-        "reap-expired-leases": {"task": "outlast.sweep.reap", "schedule": reap},
-        "relay-outbox": {"task": "outlast.sweep.relay_outbox", "schedule": min(reap, 2.0)},
-        "wake-timers": {"task": "outlast.sweep.wake_timers", "schedule": min(reap, 1.0)},
-        "expire-deadlines": {"task": "outlast.sweep.expire_deadlines", "schedule": reap},
-        "redispatch-lost": {"task": "outlast.sweep.redispatch_lost", "schedule": reap},
-        "webhook-retries": {
-            "task": "outlast.sweep.webhooks",
-            "schedule": settings.webhook_sweep_seconds,
-        },
-        "expire-idempotency-keys": {"task": "outlast.sweep.expire_keys", "schedule": reap},
-        "purge-old-tasks": {"task": "outlast.sweep.purge", "schedule": 3600.0},
+        name: {"task": task, "schedule": interval, "options": {"expires": max(2 * interval, 2.0)}}
+        for name, (task, interval) in every.items()
     }

@@ -84,8 +84,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "beat_schedule": beat_schedule(settings),
     }
     if redis_url.startswith("rediss://"):
-        config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
-        config["redis_backend_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+        config["broker_use_ssl"] = {"ssl_cert_reqs": redis_ssl_cert_reqs(redis_url)}
+        config["redis_backend_use_ssl"] = {"ssl_cert_reqs": redis_ssl_cert_reqs(redis_url)}
     return config
 
 
@@ -96,6 +96,26 @@ def message_labels(task_name: str, args: list[Any], agent: str | None) -> dict[s
     if task_name == "outlast.run_step" and agent and len(args) >= 2:
         return {"shadow": f"{task_name}[{agent}]", "argsrepr": f"task {args[0]} step {args[1]}"}
     return {}
+
+
+_CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+
+
+def redis_ssl_cert_reqs(redis_url: str) -> ssl.VerifyMode:
+    """Certificate checking for a ``rediss://`` URL: verified unless the URL says
+    ``?ssl_cert_reqs=none`` (Heroku Redis serves a self-signed certificate), as the
+    redis client itself reads that parameter (celery#5371)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from app.settings import SettingsError
+
+    raw = parse_qs(urlsplit(redis_url).query).get("ssl_cert_reqs", ["required"])[0]
+    key = raw.lower().removeprefix("cert_")
+    if key not in _CERT_REQS:
+        raise SettingsError(
+            f"REDIS_URL's ssl_cert_reqs must be required, optional or none, not {raw!r}"
+        )
+    return _CERT_REQS[key]
 
 
 def celery_init_app(flask_app: Flask, settings: Settings) -> Celery:

@@ -1,8 +1,10 @@
 """The built-in HTTP tools: ``http_get`` (research) and ``http_post`` (calls).
 
-Both send the call's key as ``Idempotency-Key`` and check every URL (and every redirect
-target) with the SSRF guard of :mod:`app.urlguard`; private and loopback addresses are
-allowed only with ``OUTLAST_WEBHOOK_ALLOW_PRIVATE=1``, as for webhooks.
+Both send the call's key as ``Idempotency-Key``. URLs an agent calls come from the
+task's own input, and the runtime contract puts no address limit on them (the `calls`
+agent is commonly pointed at a service on the same host), so by default any http(s)
+URL is called; ``OUTLAST_TOOLS_DENY_PRIVATE=1`` applies the SSRF guard of
+:mod:`app.urlguard` to every URL and every redirect target.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ TEXT_TYPES = (
 
 
 def _guard(url: str) -> str:
-    return urlguard.check_url(url, allow_private=settings_mod.current().webhook_allow_private)
+    deny_private = settings_mod.current().tools_deny_private
+    return urlguard.check_url(url, allow_private=not deny_private)
 
 
 # --- http_get -----------------------------------------------------------------------------

@@ -160,10 +160,15 @@ def test_fetch_limits_redirects_size_time_and_content_types(no_database_settings
     assert refused["status"] is None and refused["error"].startswith("unreachable")
 
 
-def test_fetch_refuses_private_addresses_unless_allowed(no_database_settings, website):
+def test_fetch_calls_private_addresses_by_default(no_database_settings, website):
+    page = fetch(website.url + "/a")
+    assert page["status"] == 200 and website.count() == 1
+
+
+def test_fetch_refuses_private_addresses_when_tools_deny_private(no_database_settings, website):
     from app import settings as settings_mod
 
-    settings_mod.configure(no_database_settings.replace(webhook_allow_private=False))
+    settings_mod.configure(no_database_settings.replace(tools_deny_private=True))
     page = fetch(website.url + "/a")
     assert page["status"] is None and page["error"].startswith("refused")
     assert website.count() == 0
