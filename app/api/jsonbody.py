@@ -41,8 +41,14 @@ def parse_json(raw: bytes) -> Any:
     return json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
 
 
+# Deeper documents are refused before any recursive code (schema validation,
+# serialization) walks them and runs out of stack.
+MAX_DEPTH = 64
+
+
 def unstorable_strings(value: Any, path: str = "") -> dict[str, list[str]]:
-    """Paths of strings ``jsonb`` cannot hold (NUL characters, lone surrogates)."""
+    """Problems ``jsonb`` or the validators would have with ``value``: strings with NUL
+    characters or lone surrogates, and nesting deeper than :data:`MAX_DEPTH`."""
     problems: dict[str, list[str]] = {}
 
     def bad(text: str) -> str | None:
@@ -54,24 +60,29 @@ def unstorable_strings(value: Any, path: str = "") -> dict[str, list[str]]:
             return "Must not contain unpaired UTF-16 surrogates."
         return None
 
-    def walk(item: Any, where: str) -> None:
+    # Iterative, so that the walk itself cannot exhaust the stack.
+    pending: list[tuple[Any, str, int]] = [(value, path, 0)]
+    while pending:
+        item, where, depth = pending.pop()
+        if depth > MAX_DEPTH:
+            problems.setdefault(where or "_schema", []).append(
+                f"Must not be nested more than {MAX_DEPTH} levels deep."
+            )
+            continue
         if isinstance(item, str):
             message = bad(item)
             if message:
                 problems.setdefault(where or "_schema", []).append(message)
         elif isinstance(item, dict):
             for key, child in item.items():
-                child_path = f"{where}.{key}" if where else str(key)
                 message = bad(key)
                 if message:
                     problems.setdefault(where or "_schema", []).append(f"Key: {message}")
                     continue
-                walk(child, child_path)
+                pending.append((child, f"{where}.{key}" if where else str(key), depth + 1))
         elif isinstance(item, list):
             for index, child in enumerate(item):
-                walk(child, f"{where}.{index}" if where else str(index))
-
-    walk(value, path)
+                pending.append((child, f"{where}.{index}" if where else str(index), depth + 1))
     return problems
 
 

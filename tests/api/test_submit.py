@@ -219,3 +219,24 @@ def test_broker_down_still_accepts_promptly_and_keeps_the_step_in_the_outbox(mak
             {"id": response.get_json()["id"]},
         ).scalar_one()
     assert queued == [response.get_json()["id"], 0]
+
+
+def test_deeply_nested_or_unstorable_bodies_are_refused_not_500(client, auth):
+    headers = {**auth, "Content-Type": "application/json"}
+    # Refused by the depth check (422) or by the parser's own limit (400); never a 500.
+    for depth, status in [(70, {422}), (990, {400, 422}), (100000, {400})]:
+        nested = (
+            '{"agent": "echo", "input": {"message": "x", "deep": '
+            + "[" * depth
+            + "]" * depth
+            + "}}"
+        )
+        response = client.post("/v1/tasks", data=nested, headers=headers)
+        assert response.status_code in status, (depth, response.get_data(as_text=True)[:300])
+    lone_surrogate = '{"agent": "echo", "input": {"message": "\\ud800"}}'
+    problem = assert_problem(
+        client.post("/v1/tasks", data=lone_surrogate, headers=headers), 422, "validation_error"
+    )
+    assert "input.message" in problem["errors"]
+    nul_key = '{"agent": "echo", "input": {"message": "x"}, "metadata": {"a\\u0000": 1}}'
+    assert_problem(client.post("/v1/tasks", data=nul_key, headers=headers), 422, "validation_error")
