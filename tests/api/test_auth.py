@@ -59,7 +59,7 @@ def test_key_in_cookie_is_401(client, tenant, auth):
 
 
 def test_ops_endpoints_need_no_key(client):
-    for path in ("/healthz", "/openapi.json", "/docs"):
+    for path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"):
         assert client.get(path).status_code == 200, path
 
 
