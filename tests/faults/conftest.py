@@ -5,6 +5,7 @@ and a way to start the Procfile's processes and wait until they serve.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -16,6 +17,7 @@ from typing import Any
 
 import psutil
 import pytest
+import redis as redis_lib
 import requests
 import sqlalchemy as sa
 
@@ -281,3 +283,20 @@ def celery_client(redis_url: str):
     app = Celery("faults-injector", broker=redis_url, set_as_current=False)
     app.conf.update(task_serializer="json", accept_content=["json"], broker_connection_timeout=3)
     return app
+
+
+def queue_outstanding(redis_url: str, queue: str) -> int:
+    """Messages of ``queue`` waiting in the broker or delivered but not yet acknowledged
+    (kombu's Redis transport keeps the latter in the ``unacked`` hash)."""
+    client = redis_lib.Redis.from_url(redis_url)
+    try:
+        queued = sum(
+            client.llen(k) for k in client.scan_iter(f"{queue}*") if client.type(k) == b"list"
+        )
+        unacked = 0
+        for raw in client.hvals("unacked"):
+            _message, _exchange, routing_key = json.loads(raw)
+            unacked += routing_key == queue
+        return queued + unacked
+    finally:
+        client.close()

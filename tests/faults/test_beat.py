@@ -13,8 +13,9 @@ import time
 
 import pytest
 
-from tests.faults.conftest import Client, new_tenant
+from tests.faults.conftest import Client, new_tenant, queue_outstanding
 from tests.faults.ledger import Request
+from tests.harness import wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -31,7 +32,7 @@ def delivered(requests: list[Request]) -> bool:
 
 
 def test_webhook_retries_pause_while_beat_is_down_and_resume_when_it_returns(
-    stack, procs, ledger, watcher, database_url
+    stack, procs, ledger, watcher, database_url, redis_url
 ):
     # Given a receiver that fails every delivery, and tasks whose completion it is sent
     failing = ledger.add_rule(lambda r: r.path.startswith("/hooks"), status=503)
@@ -59,7 +60,8 @@ def test_webhook_retries_pause_while_beat_is_down_and_resume_when_it_returns(
 
     # When beat stops
     procs.stop(beat)
-    time.sleep(1.5)  # a delivery already queued may still go out
+    # what beat queued before it stopped still goes out; wait until it has
+    wait_until(lambda: queue_outstanding(redis_url, "webhooks") == 0, 20, what="queue drained")
     paused = ledger.counts("/hooks")
     time.sleep(4.0)
 

@@ -14,7 +14,7 @@ from tests.faults.conftest import Client, new_tenant, query
 
 pytestmark = pytest.mark.faults
 
-LONG_CALL = 4.0
+LONG_CALL = 5.0
 LEASE = 3.0
 REAPER = 1.0
 

@@ -8,31 +8,12 @@ redelivery or a racing reaper produces.
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import redis as redis_lib
 
-from tests.faults.conftest import Client, celery_client, new_tenant, query
+from tests.faults.conftest import Client, celery_client, new_tenant, query, queue_outstanding
 from tests.harness import wait_until
 
 pytestmark = pytest.mark.faults
-
-
-def steps_messages_outstanding(redis_url: str) -> int:
-    """Step messages queued or delivered-but-unacknowledged in the broker."""
-    client = redis_lib.Redis.from_url(redis_url)
-    try:
-        queued = sum(
-            client.llen(k) for k in client.scan_iter("steps*") if client.type(k) == b"list"
-        )
-        unacked = 0
-        for raw in client.hvals("unacked"):
-            _message, _exchange, routing_key = json.loads(raw)
-            unacked += routing_key == "steps"
-        return queued + unacked
-    finally:
-        client.close()
 
 
 def test_duplicate_step_messages_execute_each_step_once(
@@ -65,7 +46,7 @@ def test_duplicate_step_messages_execute_each_step_once(
     # and once it finished, every one of its steps (and one past the end) once more
     for step in range(calls + 1):
         inject(step)
-    wait_until(lambda: steps_messages_outstanding(redis_url) == 0, 30, what="duplicates consumed")
+    wait_until(lambda: queue_outstanding(redis_url, "steps") == 0, 30, what="duplicates consumed")
 
     # Then each step ran once: one call per key, one checkpoint and one event per step
     assert done["status"] == "completed", done
