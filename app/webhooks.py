@@ -217,6 +217,9 @@ def send(
         )
     except requests.RequestException as exc:
         return Outcome(False, error=_short(f"request failed: {exc}"), duration_ms=took())
+    except Exception as exc:  # a customer URL must never crash the sender: record, retry
+        log.exception("unexpected error sending a webhook to %s", url)
+        return Outcome(False, error=_short(f"request failed: {exc!r}"), duration_ms=took())
     finally:
         session.close()
     duration_ms = took()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,10 @@ def make_receiver(receivers: list[Receiver]):
     return make
 
 
+# The session's beat once started (tests that kill their own beat pause it).
+_session_beats: list[ManagedProcess] = []
+
+
 @pytest.fixture(scope="session")
 def session_beat(servers, tmp_path_factory) -> Iterator[ManagedProcess]:
     """The Procfile's beat as a real process, started once for these tests.
@@ -73,11 +78,25 @@ def session_beat(servers, tmp_path_factory) -> Iterator[ManagedProcess]:
         cwd=ROOT,
         log_path=tmp_path_factory.mktemp("beat") / "beat.log",
     ).start()
+    _session_beats.append(proc)
     try:
         wait_until(lambda: "beat: Starting" in proc.log_text(), 60, what="beat started")
         yield proc
     finally:
+        _session_beats.remove(proc)
         proc.stop()
+
+
+@pytest.fixture
+def only_own_beats() -> Iterator[None]:
+    """Pause the session's beat (if running) so that the only beats are the test's own."""
+    for proc in _session_beats:
+        proc.signal_group(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for proc in _session_beats:
+            proc.signal_group(signal.SIGCONT)
 
 
 @pytest.fixture

@@ -33,27 +33,29 @@ def _settled(task_id: str):
     return rows if rows and all(r["status"] != "pending" for r in rows) else None
 
 
-@pytest.mark.parametrize("how", ["completed", "failed", "cancelled", "input_required"])
-def test_webhook_event_is_posted_signed_and_verifiable_with_the_reference_package(
-    how, tenant, celery_worker, make_receiver
+def test_each_webhook_event_is_posted_signed_and_verifiable_with_the_reference_package(
+    tenant, celery_worker, make_receiver
 ):
-    receiver = make_receiver()
-    task_id = finish_task(tenant.tenant_id, receiver.url, how)
+    hows = ["completed", "failed", "cancelled", "input_required"]
+    receivers = {how: make_receiver() for how in hows}
+    task_ids = {how: finish_task(tenant.tenant_id, receivers[how].url, how) for how in hows}
 
-    rows = wait_until(lambda: _delivered(task_id), 20, what="delivered")
-    assert receiver.count() == 1
-    request = receiver.requests[0]
-    assert request.method == "POST" and request.path == "/hooks"
-    assert request.headers["content-type"] == "application/json"
-    event = verify_with_reference(tenant.webhook_secret, request)
-    assert event["type"] == f"task.{how}"
-    assert request.headers["webhook-id"] == event["id"] == rows[0]["event_id"]
-    # The body is the stored event, exactly: the same object GET /events returns.
-    assert event == stored_event(event["id"])
-    assert event["data"]["task"]["status"] == how
-    assert abs(int(request.headers["webhook-timestamp"]) - time.time()) < 10
-    assert rows[0]["attempts"] == 1 and rows[0]["last_status_code"] == 200
-    assert rows[0]["delivered_at"] is not None and rows[0]["next_attempt_at"] is None
+    for how in hows:
+        receiver, task_id = receivers[how], task_ids[how]
+        rows = wait_until(lambda t=task_id: _delivered(t), 20, what=f"{how} delivered")
+        assert receiver.count() == 1, how
+        request = receiver.requests[0]
+        assert request.method == "POST" and request.path == "/hooks"
+        assert request.headers["content-type"] == "application/json"
+        event = verify_with_reference(tenant.webhook_secret, request)
+        assert event["type"] == f"task.{how}"
+        assert request.headers["webhook-id"] == event["id"] == rows[0]["event_id"]
+        # The body is the stored event, exactly: the same object GET /events returns.
+        assert event == stored_event(event["id"])
+        assert event["data"]["task"]["status"] == how
+        assert abs(int(request.headers["webhook-timestamp"]) - time.time()) < 10
+        assert rows[0]["attempts"] == 1 and rows[0]["last_status_code"] == 200
+        assert rows[0]["delivered_at"] is not None and rows[0]["next_attempt_at"] is None
 
 
 def test_only_the_four_webhook_event_types_are_posted(tenant, celery_worker, make_receiver):
@@ -136,18 +138,18 @@ def test_receiver_down_for_the_whole_run_ends_failed_after_the_configured_attemp
 
 
 @pytest.mark.webhook_env(OUTLAST_WEBHOOK_MAX_ATTEMPTS="3")
-@pytest.mark.parametrize("status", [302, 307])
-def test_redirect_is_a_failure_and_is_not_followed(
-    status, tenant, celery_worker, beat, make_receiver
-):
+def test_redirect_is_a_failure_and_is_not_followed(tenant, celery_worker, beat, make_receiver):
     target = make_receiver()
-    receiver = make_receiver(always(status, Location=target.url))
-    task_id = finish_task(tenant.tenant_id, receiver.url)
+    task_ids = {}
+    for status in (302, 307):
+        receiver = make_receiver(always(status, Location=target.url))
+        task_ids[status] = finish_task(tenant.tenant_id, receiver.url)
 
-    rows = wait_until(lambda: _settled(task_id), 30, what="failed")
-    assert rows[0]["status"] == "failed" and rows[0]["attempts"] == 3
-    assert rows[0]["last_status_code"] == status
-    assert rows[0]["last_error"] == f"redirect ({status}) not followed"
+    for status, task_id in task_ids.items():
+        rows = wait_until(lambda t=task_id: _settled(t), 30, what=f"{status} failed")
+        assert rows[0]["status"] == "failed" and rows[0]["attempts"] == 3
+        assert rows[0]["last_status_code"] == status
+        assert rows[0]["last_error"] == f"redirect ({status}) not followed"
     assert target.count() == 0
 
 
@@ -165,18 +167,21 @@ def test_answer_slower_than_the_timeout_is_a_failed_attempt(
 
 
 @pytest.mark.webhook_env(OUTLAST_WEBHOOK_RETRY_BASE_SECONDS="0.1")
-@pytest.mark.parametrize("status", [429, 503])
 def test_retry_after_on_429_and_503_is_honoured_when_longer(
-    status, tenant, celery_worker, beat, make_receiver
+    tenant, celery_worker, beat, make_receiver
 ):
-    receiver = make_receiver(
-        lambda n: Answer(status, {"Retry-After": "2"}) if n == 0 else Answer(200)
-    )
-    task_id = finish_task(tenant.tenant_id, receiver.url)
+    receivers = {
+        status: make_receiver(
+            lambda n, status=status: Answer(status, {"Retry-After": "2"}) if n == 0 else Answer(200)
+        )
+        for status in (429, 503)
+    }
+    task_ids = {status: finish_task(tenant.tenant_id, r.url) for status, r in receivers.items()}
 
-    wait_until(lambda: _delivered(task_id), 30, what="delivered")
-    gap = receiver.requests[1].at - receiver.requests[0].at
-    assert gap >= 2 - 0.05  # not the 0.05-0.1 s of the schedule
+    for status, receiver in receivers.items():
+        wait_until(lambda s=status: _delivered(task_ids[s]), 30, what=f"{status} delivered")
+        gap = receiver.requests[1].at - receiver.requests[0].at
+        assert gap >= 2 - 0.05, status  # not the 0.05-0.1 s of the schedule
 
 
 @pytest.mark.webhook_env(OUTLAST_WEBHOOK_RETRY_BASE_SECONDS="0.1")
