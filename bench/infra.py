@@ -198,9 +198,12 @@ class Infra:
             self._redis.stop()
         if self._pg is not None:
             self._pg.stop()
-        if not self.keep_logs:
-            import shutil
+        import shutil
 
+        if self.keep_logs:  # keep the logs only: the servers' data can be gigabytes
+            for data in ("postgres", "redis"):
+                shutil.rmtree(self.tmp / data, ignore_errors=True)
+        else:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 

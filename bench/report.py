@@ -76,6 +76,11 @@ def render(results: dict) -> str:
         f"load average at start {', '.join(f'{x:.2f}' for x in meta['loadavg_at_start'])}; "
         f"commit {meta['commit']}; size `{meta.get('size', '?')}`."
     )
+    if results.get("skipped_sections"):
+        out.append(
+            f"\nSkipped to stay within the time budget: {', '.join(results['skipped_sections'])} "
+            "(the machine was slower than usual; run them with --only)."
+        )
     if results.get("outlast_skipped"):
         out.append(f"\nOutlast not measured: {results['outlast_skipped']}")
     goals: list[tuple[str, str, str]] = []

@@ -16,6 +16,7 @@ temporary directory; everything it starts is stopped at the end. Results go to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import sys
@@ -44,6 +45,8 @@ class Size:
     latency_samples: int
     recovery_repeats: int
     rss_tasks: int
+    # Rough seconds each section takes on a quiet 2-core machine (for --budget).
+    estimate: dict = dataclasses.field(default_factory=dict)
 
 
 SIZES = {
@@ -52,7 +55,19 @@ SIZES = {
     # A quick look while developing.
     "small": Size(1, 10, 20, 2, 2.0, 0.5, 1, 20, 1, 500),
     # The sizes (make bench): about eight minutes on 2 cores.
-    "full": Size(3, 50, 20, 3, 5.0, 1.0, 2, 100, 3, 10_000),
+    "full": Size(
+        3,
+        50,
+        20,
+        3,
+        5.0,
+        1.0,
+        2,
+        100,
+        3,
+        10_000,
+        {"steps": 120, "submit": 80, "latency": 20, "recovery": 40, "rss": 120},
+    ),
 }
 
 # Recovery runs with a short lease so that it fits the run (the goal is relative).
@@ -79,12 +94,14 @@ class Run:
         outlast: bool,
         variant_root: str | None = None,
         only_contenders: tuple[str, ...] = (),
+        budget: float = 1e9,
     ):
         self.size = size
         self.sections = sections
         self.want_outlast = outlast
         self.variant_root = variant_root
         self.only_contenders = only_contenders
+        self.budget = budget
         self.results: dict = {"meta": report.machine_meta(), "size": size.__dict__}
         self.infra = Infra(keep_logs=True)
         # "outlast" (this checkout) and, with --variant, "variant" (another checkout).
@@ -281,6 +298,13 @@ class Run:
             self.start_outlast()
             for section in SECTIONS:
                 if section in self.sections:
+                    elapsed = time.monotonic() - started
+                    if elapsed + self.size.estimate.get(section, 0) > self.budget:
+                        log(
+                            f"{section} skipped: {elapsed:.0f}s used of a {self.budget:.0f}s budget"
+                        )
+                        self.results.setdefault("skipped_sections", []).append(section)
+                        continue
                     t0 = time.monotonic()
                     getattr(self, f"section_{section}")()
                     log(f"{section} took {time.monotonic() - t0:.0f}s")
@@ -326,6 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument(
+        "--budget",
+        type=float,
+        default=540,
+        help="seconds: a section that would not fit is skipped (and the report says so)",
+    )
+    parser.add_argument(
         "--contenders",
         default="",
         help="steps section only: measure just these (outlast,variant,raw_celery,pg_checkpoint,dbos)",
@@ -346,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         outlast=not args.no_outlast,
         variant_root=args.variant,
         only_contenders=tuple(c for c in args.contenders.split(",") if c),
+        budget=args.budget,
     )
     results = run.results
     results["meta"]["command"] = "python -m bench.run " + " ".join(argv)
