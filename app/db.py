@@ -70,7 +70,11 @@ def transaction() -> Iterator[Connection]:
         try:
             yield conn
         finally:
-            conn.info.pop(outbox.PENDING_KEY, None)
+            # Asking a connection the database dropped for its info would raise
+            # PendingRollbackError over the real (OperationalError) cause; the pool
+            # clears a dropped connection's info when it reconnects.
+            if not conn.invalidated:
+                conn.info.pop(outbox.PENDING_KEY, None)
     if pending:
         outbox.publish(pending)
 

@@ -253,6 +253,11 @@ def _flush_on_commit(conn: Connection) -> None:
 
 @event.listens_for(Engine, "rollback")
 def _discard_on_rollback(conn: Connection) -> None:
+    # On a connection the database dropped, conn.info would try to reconnect mid-rollback
+    # and raise PendingRollbackError in place of the OperationalError (hiding the outage
+    # from db_errors); the pool clears a dropped connection's info when it reconnects.
+    if conn.invalidated:
+        return
     conn.info.pop(_PENDING_KEY, None)
 
 
