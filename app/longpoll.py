@@ -19,6 +19,7 @@ import logging
 import os
 import select
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -144,10 +145,10 @@ class TaskNotifications:
 
         delay = 0.2
         while not self._stop.is_set():
-            url = settings_mod.current().require_database_url()
+            url = settings_mod.current().database_url
             conn = None
             try:
-                conn = self._connect(url)
+                conn = self._connect(settings_mod.current().require_database_url())
                 self._connected.set()
                 delay = 0.2
                 # Anything committed before LISTEN took effect: every waiter re-reads.
@@ -171,9 +172,15 @@ class TaskNotifications:
                         conn.close()
                     except Exception:
                         pass
-            if self._stop.wait(delay):
-                return
+            # Back off while the same database stays unreachable; a new DATABASE_URL
+            # (tests, `outlast up`) is tried at once.
+            deadline = time.monotonic() + delay
+            while time.monotonic() < deadline and settings_mod.current().database_url == url:
+                if self._stop.wait(min(0.2, delay)):
+                    return
             delay = min(delay * 2, RECONNECT_DELAY_MAX_SECONDS)
+            if settings_mod.current().database_url != url:
+                delay = 0.2
 
 
 notifications = TaskNotifications()
