@@ -12,6 +12,7 @@ from flask_smorest.utils import prepare_response
 from app import auth, errors, logs
 
 V1_BLUEPRINTS = ("app.api.tasks", "app.api.events", "app.api.deliveries")
+DOCS_ASSETS_PATH = "/docs/assets"
 
 
 class OutlastApi(Api):
@@ -38,6 +39,16 @@ def _authenticate() -> None:
     auth.authenticate()
 
 
+def _docs_asset(filename: str):
+    """Swagger UI's JavaScript and CSS, from the flask-swagger-ui package."""
+    from pathlib import Path
+
+    import flask_swagger_ui
+    from flask import send_from_directory
+
+    return send_from_directory(Path(flask_swagger_ui.__file__).parent / "dist", filename)
+
+
 def init_app(flask_app: Flask) -> Api:
     """Register every blueprint, the OpenAPI document, and problem+json errors."""
     import importlib
@@ -48,8 +59,10 @@ def init_app(flask_app: Flask) -> Api:
         OPENAPI_VERSION="3.0.3",
         OPENAPI_URL_PREFIX="/",
         OPENAPI_JSON_PATH="openapi.json",
-        OPENAPI_REDOC_PATH="/docs",
-        OPENAPI_REDOC_URL="https://cdn.jsdelivr.net/npm/redoc@2/bundles/redoc.standalone.js",
+        # Swagger UI served from the flask-swagger-ui wheel's assets: /docs renders on a
+        # machine with no internet access.
+        OPENAPI_SWAGGER_UI_PATH="/docs",
+        OPENAPI_SWAGGER_UI_URL=DOCS_ASSETS_PATH + "/",
         API_SPEC_OPTIONS={
             "info": {
                 "description": "Durable, checkpointed execution of long-running AI agent "
@@ -74,6 +87,9 @@ def init_app(flask_app: Flask) -> Api:
 
     flask_app.register_blueprint(ops.blueprint)
     flask_app.register_blueprint(metrics.blueprint)
+    flask_app.add_url_rule(
+        f"{DOCS_ASSETS_PATH}/<path:filename>", "docs_assets", _docs_asset, methods=["GET"]
+    )
     logs.init_app(flask_app)  # a request id on every web log line and as X-Request-Id
     errors.register(flask_app)
     return api

@@ -63,10 +63,17 @@ def test_openapi_document_describes_problems_and_bearer_auth(client):
     assert {"Location", "Idempotent-Replayed"} <= set(submit["responses"]["202"]["headers"])
 
 
-def test_docs_page_renders_the_document(client):
+def test_docs_page_renders_the_document_with_assets_served_locally(client):
     response = client.get("/docs")
     assert response.status_code == 200 and response.mimetype == "text/html"
-    assert "openapi.json" in response.get_data(as_text=True)
+    page = response.get_data(as_text=True)
+    assert "openapi.json" in page
+    assert "https://" not in page  # nothing loaded from the internet
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        assert f"/docs/assets/{asset}" in page
+        served = client.get(f"/docs/assets/{asset}")
+        assert served.status_code == 200 and len(served.get_data()) > 10_000
+    assert client.get("/docs/assets/../../setup.cfg").status_code == 404
 
 
 def test_unknown_route_is_404_problem(client, auth):
