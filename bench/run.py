@@ -65,8 +65,8 @@ SIZES = {
         2,
         100,
         3,
-        10_000,
-        {"steps": 120, "submit": 80, "latency": 20, "recovery": 40, "rss": 120},
+        3_000,
+        {"steps": 150, "submit": 80, "latency": 20, "recovery": 40, "rss": 90},
     ),
 }
 
@@ -349,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default=None, help="results directory (default bench/results/<time>)"
     )
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--rounds", type=int, default=None, help="override the size's rounds")
+    parser.add_argument(
+        "--rss-tasks", type=int, default=None, help="override the size's task count for rss"
+    )
     parser.add_argument(
         "--budget",
         type=float,
@@ -370,8 +374,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.out
         else ROOT / "bench" / "results" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     )
+    size = SIZES[args.size]
+    if args.rounds:
+        size = dataclasses.replace(size, rounds=args.rounds, submit_rounds=args.rounds)
+    if args.rss_tasks:
+        size = dataclasses.replace(size, rss_tasks=args.rss_tasks)
     run = Run(
-        SIZES[args.size],
+        size,
         sections,
         outlast=not args.no_outlast,
         variant_root=args.variant,
