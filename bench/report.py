@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 import os
 import platform
@@ -371,41 +372,78 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
             )
             ax.set_title(title, fontsize=10)
         a.set_yscale("log")
-        a.legend(fontsize=8)
+        b.legend(fontsize=8, loc="upper left")
         fig.tight_layout()
         paths.append(out_dir / "bench_submission.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     latency = results.get("latency")
-    rss = results.get("rss")
-    if latency or rss:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        if latency:
-            ax = axes[0]
-            for name, samples in latency.items():
-                xs = sorted(s * 1000 for s in samples)
-                ys = [(i + 1) / len(xs) for i in range(len(xs))]
-                ax.plot(xs, ys, label=NAMES[name], color=colors[name])
-            ax.set_xscale("log")
-            ax.set_xlabel("ms")
-            ax.set_title("one-step end-to-end latency (CDF)", fontsize=10)
-            ax.legend(fontsize=8)
-        if rss:
-            ax = axes[1]
-            for name, samples in rss.items():
-                ax.plot(
-                    [s[0] for s in samples],
-                    [s[1] / 2**20 for s in samples],
-                    label=NAMES[name],
-                    color=colors[name],
-                )
-            ax.set_xlabel("tasks completed")
-            ax.set_ylabel("worker RSS, MiB")
-            ax.set_ylim(bottom=0)
-            ax.set_title("worker memory across tasks", fontsize=10)
-            ax.legend(fontsize=8)
+    if latency:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, samples in latency.items():
+            xs = sorted(s * 1000 for s in samples)
+            ys = [(i + 1) / len(xs) for i in range(len(xs))]
+            ax.plot(xs, ys, label=NAMES[name], color=colors[name])
+        ax.set_xscale("log")
+        ax.set_xlabel("ms, submit to the client seeing the result")
+        ax.set_ylabel("fraction of samples")
+        ax.set_title("one-step end-to-end latency (CDF)", fontsize=10)
+        ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()
-        paths.append(out_dir / "bench_latency_rss.png")
+        paths.append(out_dir / "bench_latency.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    rss = results.get("rss")
+    if rss:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, samples in rss.items():
+            ax.plot(
+                [s[0] for s in samples],
+                [s[1] / 2**20 for s in samples],
+                label=NAMES[name],
+                color=colors[name],
+            )
+        ax.set_xlabel("tasks completed")
+        ax.set_ylabel("worker RSS (main + 2 pool processes), MiB")
+        ax.set_ylim(bottom=0)
+        ax.set_title("worker memory across tasks", fontsize=10)
+        ax.legend(fontsize=8, loc="lower right")
+        fig.tight_layout()
+        paths.append(out_dir / "bench_rss.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
+
+
+def merge(paths: list[Path]) -> dict:
+    """One result from several runs' results.json (later sections replace earlier ones;
+    each section's ratios are still within one run)."""
+    merged: dict = {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        for key, value in data.items():
+            if key == "meta":
+                merged.setdefault("meta", value)
+                merged.setdefault("runs", []).append(value)
+            elif key != "skipped_sections":
+                merged[key] = value
+    return merged
+
+
+def main(argv: list[str]) -> int:
+    """``python -m bench.report OUT RESULTS.json...``: merged report and plots in OUT."""
+    out = Path(argv[0])
+    out.mkdir(parents=True, exist_ok=True)
+    results = merge([Path(p) for p in argv[1:]])
+    text = render(results)
+    (out / "report.md").write_text(text)
+    print(text)
+    for path in plot(results, out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))
