@@ -35,6 +35,8 @@ SECTIONS = ("steps", "submit", "latency", "recovery", "rss")
 
 @dataclass(frozen=True)
 class Size:
+    """How much of each section one run does."""
+
     rounds: int
     chains: int
     steps: int
@@ -50,23 +52,46 @@ class Size:
 
 
 SIZES = {
-    # A few seconds: the harness itself (tests/bench).
-    "smoke": Size(1, 3, 3, 1, 0.5, 0.2, 1, 3, 1, 30),
+    # Seconds: the harness itself (tests/bench).
+    "smoke": Size(
+        rounds=1,
+        chains=3,
+        steps=3,
+        alone_repeats=1,
+        submit_seconds=0.5,
+        submit_warmup=0.2,
+        submit_rounds=1,
+        latency_samples=3,
+        recovery_repeats=1,
+        rss_tasks=30,
+    ),
     # A quick look while developing.
-    "small": Size(1, 10, 20, 2, 2.0, 0.5, 1, 20, 1, 500),
-    # The issue's sizes (make bench): about eight minutes on 2 cores.
+    "small": Size(
+        rounds=1,
+        chains=10,
+        steps=20,
+        alone_repeats=2,
+        submit_seconds=2.0,
+        submit_warmup=0.5,
+        submit_rounds=1,
+        latency_samples=20,
+        recovery_repeats=1,
+        rss_tasks=500,
+    ),
+    # The issue's sizes (make bench), within ten minutes on a quiet 2-core machine;
+    # worker memory over 10,000 tasks takes longer: --only rss --rss-tasks 10000.
     "full": Size(
-        3,
-        50,
-        20,
-        3,
-        5.0,
-        1.0,
-        2,
-        100,
-        3,
-        3_000,
-        {"steps": 150, "submit": 80, "latency": 20, "recovery": 40, "rss": 90},
+        rounds=3,
+        chains=50,
+        steps=20,
+        alone_repeats=3,
+        submit_seconds=5.0,
+        submit_warmup=1.0,
+        submit_rounds=2,
+        latency_samples=100,
+        recovery_repeats=3,
+        rss_tasks=3_000,
+        estimate={"steps": 150, "submit": 80, "latency": 20, "recovery": 40, "rss": 90},
     ),
 }
 

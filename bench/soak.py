@@ -9,9 +9,9 @@ platform restarts a crashed dyno). Then it waits for every task to finish and re
 - tasks lost: accepted with ``202`` but missing from the database;
 - stuck tasks: not terminal ``--grace`` seconds after the last kill;
 - duplicated side effects: ledger keys (``Idempotency-Key`` of the ``calls`` agent)
-  received more than once, apart from calls that were in flight at a kill (those are
-  repeated with the same key by design: RUNTIME.md), and webhook events answered
-  ``2xx`` more than once;
+  received more than once, apart from calls a kill interrupted (started, and not yet
+  logged as completed, when the worker died: those are repeated with the same key by
+  design, RUNTIME.md), and webhook events answered ``2xx`` more than once;
 - missing side effects: completed ``calls`` tasks whose ledger lacks a step;
 - state-machine violations seen by the status watcher (tests/faults/watcher.py);
 - recovery times: for every task a kill interrupted (its attempt grew), the time from
@@ -69,7 +69,7 @@ class Kill:
     at: float  # monotonic
     worker: str
     leased: dict[str, tuple[int, int]]  # task id -> (step, attempt) held at the kill
-    in_flight_keys: set[str]
+    interrupted_keys: set[str]  # calls started and not logged complete at the kill
     reaped: set[str] = field(default_factory=set)  # leased tasks that were on the victim
     resumed: dict[str, float] = field(default_factory=dict)  # task id -> seconds to resume
 
@@ -242,6 +242,15 @@ class Soak:
             ).all()
         return {r.id: (r.step, r.attempt) for r in rows}
 
+    def started_calls(self) -> set[str]:
+        """Keys of tool calls started and not (yet) logged as completed."""
+        with self.engine.connect() as conn:
+            return set(
+                conn.execute(
+                    sa.text("SELECT idempotency_key FROM tool_calls WHERE status = 'started'")
+                ).scalars()
+            )
+
     def kill_loop(self) -> None:
         while not self.stop_killing.wait(self.args.kill_every):
             live = [w for w in self.workers if w.alive()]
@@ -249,15 +258,18 @@ class Soak:
                 continue
             victim = self.rng.choice(live)
             leased = self.leased_now()
-            in_flight = {r.key for r in self.ledger.in_flight("/calls")}
+            # Calls a kill may interrupt: in flight at the ledger, or answered but not yet
+            # logged as completed (RUNTIME.md: those are made again, with the same key).
+            interrupted = self.started_calls() | {r.key for r in self.ledger.in_flight("/calls")}
             at = time.monotonic()
             victim.kill()
+            interrupted |= self.started_calls()
             self.workers.remove(victim)
-            self.kills.append(Kill(at, victim.name, leased, in_flight))
+            self.kills.append(Kill(at, victim.name, leased, interrupted))
             self.spawn("worker")
             print(
                 f"[{at - self.t0:6.1f}s] killed {victim.name} ({len(leased)} leases held "
-                f"system-wide, {len(in_flight)} calls in flight)",
+                f"system-wide, {len(interrupted)} calls started and not logged complete)",
                 flush=True,
             )
 
@@ -391,10 +403,10 @@ class Soak:
         statuses = Counter(r.status for r in tasks.values())
         failures = Counter((r.error or {}).get("type") for r in tasks.values() if r.error)
         # Side effects of the calls agent, counted per key.
-        in_flight_at_kills = set().union(*(k.in_flight_keys for k in self.kills))
+        interrupted_at_kills = set().union(*(k.interrupted_keys for k in self.kills))
         counts = self.ledger.counts("/calls")
         repeated = {k: n for k, n in counts.items() if n > 1}
-        duplicated = {k: n for k, n in repeated.items() if k not in in_flight_at_kills}
+        duplicated = {k: n for k, n in repeated.items() if k not in interrupted_at_kills}
         missing = []
         for task_id, row in tasks.items():
             if row.agent == "calls" and row.status == "completed":
