@@ -31,7 +31,7 @@ def delivered(requests: list[Request]) -> bool:
     return any(r.status is not None and 200 <= r.status < 300 for r in requests)
 
 
-def test_webhook_retries_pause_while_beat_is_down_and_resume_when_it_returns(
+def test_webhook_retries_and_timers_pause_while_beat_is_down_and_resume_when_it_returns(
     stack, procs, ledger, watcher, database_url, redis_url
 ):
     # Given a receiver that fails every delivery, and tasks whose completion it is sent
@@ -63,11 +63,19 @@ def test_webhook_retries_pause_while_beat_is_down_and_resume_when_it_returns(
     # what beat queued before it stopped still goes out; wait until it has
     wait_until(lambda: queue_outstanding(redis_url, "webhooks") == 0, 20, what="queue drained")
     paused = ledger.counts("/hooks")
-    time.sleep(4.0)
+    # and, while it is down, a task making tool calls and a task with a timer are submitted
+    calls = api.create("calls", {"url": ledger.url + "/calls", "calls": 3})["id"]
+    sleepy = api.create("sleepy", {"seconds": 1})["id"]
+    watcher.track(calls)
+    watcher.track(sleepy)
 
-    # Then retries pause, even though deliveries are due
+    # Then running steps are unaffected: the calls task runs to the end without beat
+    assert api.wait_terminal(calls, timeout=30)["status"] == "completed"
+    time.sleep(3.0)
+    # but webhook retries and the timer pause, though both are due
     assert ledger.counts("/hooks") == paused, "webhook retries went on without beat"
     assert {d["status"] for t in tasks for d in api.deliveries(t)} == {"pending"}
+    assert api.get(sleepy)["status"] == "working", "the timer fired without beat"
 
     # When the receiver recovers and beat comes back
     failing.times = failing.used  # no more failures
@@ -79,6 +87,8 @@ def test_webhook_retries_pause_while_beat_is_down_and_resume_when_it_returns(
         timeout=30,
         what="deliveries after beat returned",
     )
+    # and the timer catches up
+    assert api.wait_terminal(sleepy, timeout=30)["result"] == {"slept": 1}
     time.sleep(2.0)
     by_event = hooks_by_event(ledger.snapshot("/hooks"))
     for task_id, event_id in event_ids.items():
