@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,14 +31,46 @@ def engine() -> Engine:
                     _engine.dispose()
                 _engine = sa.create_engine(
                     url,
-                    pool_pre_ping=True,
                     pool_size=10,
                     max_overflow=20,
                     pool_recycle=1800,
                     connect_args={"connect_timeout": 5, "application_name": "outlast"},
                 )
+                _ping_idle_connections(_engine)
                 _engine_url = url
     return _engine
+
+
+# A pooled connection idle longer than this is pinged before use (see below).
+PING_IDLE_SECONDS = 1.0
+
+
+def _ping_idle_connections(eng: Engine) -> None:
+    """Ping a pooled connection at checkout only if it sat idle in the pool.
+
+    ``pool_pre_ping`` would send ``SELECT 1`` at every checkout (six a step); a
+    connection that was in use a moment ago is alive, and one that was idle may have been
+    cut by a database restart. SQLAlchemy's documented custom-ping recipe: raising
+    ``DisconnectionError`` makes the pool replace the connection and retry.
+    """
+
+    @sa.event.listens_for(eng, "checkin")
+    def _checked_in(dbapi_connection, record) -> None:
+        record.info["checked_in_at"] = time.monotonic()
+
+    @sa.event.listens_for(eng, "checkout")
+    def _checked_out(dbapi_connection, record, proxy) -> None:
+        checked_in_at = record.info.get("checked_in_at")
+        if checked_in_at is None or time.monotonic() - checked_in_at < PING_IDLE_SECONDS:
+            return
+        try:
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute("SELECT 1")
+            finally:
+                cursor.close()
+        except Exception as exc:
+            raise sa.exc.DisconnectionError(f"pooled connection is gone: {exc}") from exc
 
 
 def dispose_after_fork() -> None:

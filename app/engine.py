@@ -148,6 +148,8 @@ def run_step(task_id: str, step: int) -> str:
     token = ids.new_token()
     with db.transaction() as conn:
         task = lifecycle.acquire_lease(conn, task_id, step, token, cfg.lease_seconds)
+        # The previous checkpoint never changes once written: read it on this connection.
+        state = _previous_state(conn, task_id, step) if task is not None else None
     if task is None:
         log.info("step %d of %s is not runnable by this message; dropped", step, task_id)
         return "skipped"
@@ -159,7 +161,7 @@ def run_step(task_id: str, step: int) -> str:
             fail_timeout(conn, task_id, token=token)
         return "failed"
     try:
-        return _run_leased(task, step, token, started_at, cfg)
+        return _run_leased(task, step, token, state, started_at, cfg)
     except Exception as exc:
         # Whatever broke after the lease was taken, do not leave it to expire into
         # worker_lost: a database outage is retried by the Celery task (the reaper then
@@ -171,7 +173,12 @@ def run_step(task_id: str, step: int) -> str:
 
 
 def _run_leased(
-    task: RowMapping, step: int, token: str, started_at: datetime, cfg: settings_mod.Settings
+    task: RowMapping,
+    step: int,
+    token: str,
+    state: Any,
+    started_at: datetime,
+    cfg: settings_mod.Settings,
 ) -> str:
     task_id = task["id"]
     deadline_at = task["deadline_at"]
@@ -183,8 +190,6 @@ def _run_leased(
             "agent_error",
             f"no agent named {task['agent']!r} is registered on this worker",
         )
-    with db.engine().connect() as conn:
-        state = _previous_state(conn, task_id, step)
     keeper = LeaseKeeper(task_id, token, cfg.lease_seconds, deadline_at)
     ctx = StepContext(
         task_id=task_id,

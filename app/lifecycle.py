@@ -77,7 +77,10 @@ def append_event(conn: Connection, task: Mapping[str, Any], event_type: str) -> 
             sa.text(
                 "INSERT INTO events (task_id, seq, id, type, data, created_at) "
                 "VALUES (:task_id, :seq, :id, :type, CAST(:data AS jsonb), :at) "
-                "RETURNING task_id, seq, id, type, data, created_at"
+                # The NOTIFY rides on this statement (one round trip fewer per event);
+                # PostgreSQL still delivers it only when the transaction commits.
+                "RETURNING task_id, seq, id, type, data, created_at, "
+                "pg_notify(:channel, :task_id) AS notified"
             ),
             {
                 "task_id": task["id"],
@@ -86,11 +89,13 @@ def append_event(conn: Connection, task: Mapping[str, Any], event_type: str) -> 
                 "type": event_type,
                 "data": json.dumps(data),
                 "at": task["updated_at"],
+                "channel": NOTIFY_CHANNEL,
             },
         )
         .mappings()
         .one()
     )
+    event = {k: v for k, v in row.items() if k != "notified"}
     if event_type in WEBHOOK_EVENT_TYPES and task.get("webhook_url"):
         delivery_id = ids.new_id("dlv")
         conn.execute(
@@ -111,9 +116,8 @@ def append_event(conn: Connection, task: Mapping[str, Any], event_type: str) -> 
         )
         # Sent right after the commit; the beat's webhook sweep covers a lost message.
         outbox.add(conn, outbox.DELIVER_WEBHOOK, [delivery_id], queue=outbox.WEBHOOKS_QUEUE)
-    conn.execute(sa.text("SELECT pg_notify(:ch, :id)"), {"ch": NOTIFY_CHANNEL, "id": task["id"]})
     metrics.note_task_event(conn, event_type, task)  # counted once the transaction commits
-    return dict(row)
+    return event
 
 
 def _update(

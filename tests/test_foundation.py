@@ -299,3 +299,18 @@ def test_every_sweep_message_expires_so_none_pile_up_without_workers():
     }
     for entry in schedule.values():
         assert 0 < entry["options"]["expires"] <= max(2 * entry["schedule"], 2.0)
+
+
+def test_a_pooled_connection_cut_by_the_server_is_replaced_after_it_sat_idle(settings):
+    import time
+
+    with db.engine().connect() as conn:
+        pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+    # The server cuts the pooled connection (as a database restart would).
+    killer = sa.create_engine(settings.database_url, poolclass=sa.pool.NullPool)
+    with killer.connect() as conn:
+        assert conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar()
+    killer.dispose()
+    time.sleep(1.2)  # longer than db.PING_IDLE_SECONDS
+    with db.engine().connect() as conn:
+        assert conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one() != pid

@@ -25,7 +25,8 @@ def echo(ctx: StepContext, state: Any) -> Outcome:
     """Echo the message back after ``steps`` checkpointed steps."""
     steps = ctx.input["steps"]
     number = ctx.step + 1  # 1-based, as fail_at_step and progress count
-    ctx.wait(ctx.input["step_seconds"])  # checks for cancellation at least once a second
+    if ctx.input["step_seconds"] > 0:
+        ctx.wait(ctx.input["step_seconds"])  # checks for cancellation at least once a second
     if ctx.input.get("fail_at_step") == number:
         raise AgentError(f"echo was asked to fail at step {number}")
     ctx.progress(number, steps, f"step {number} of {steps}")
