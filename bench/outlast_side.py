@@ -42,6 +42,12 @@ class Recovery:
     attempt_before: int
     attempt_after: int
 
+    @property
+    def hit_the_busy_worker(self) -> bool:
+        """The killed worker held the step's lease (else it was the idle one: Redis
+        may hand any step to either worker, so the caller tries again)."""
+        return self.attempt_after == self.attempt_before + 1
+
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
@@ -273,9 +279,10 @@ class OutlastStack:
         timeout: float = 120,
         worker_env: Mapping[str, str] | None = None,
     ) -> Recovery:
-        """SIGKILL the worker running a long echo task mid-step, a second worker being
-        idle and ready; time from the kill to the interrupted step's checkpoint."""
-        busy = self.workers[0]
+        """SIGKILL the worker that ran the task's last steps, mid-step, a second worker
+        being idle and ready; time from the kill to the interrupted step's checkpoint.
+        Check :attr:`Recovery.hit_the_busy_worker`: the step may have gone to the other."""
+        busy = self.workers[-1]
         task_id = self.submit({"message": "recover", "steps": 1000, "step_seconds": step_seconds})
         wait_for(
             lambda: (r := self.task_row(task_id)).step >= 2 and r.lease_token is not None,
@@ -283,7 +290,7 @@ class OutlastStack:
             "the task to run its third step",
             interval=0.01,
         )
-        spare = self.start_worker(worker_env)
+        self.start_worker(worker_env)  # idle and ready when the kill comes
         # Kill in the middle of a step: just after a step began (lease taken).
         row = self.task_row(task_id)
         step = row.step
@@ -302,10 +309,8 @@ class OutlastStack:
             lambda: self.checkpoint_time(task_id, running), timeout, "the next checkpoint"
         )
         after = self.task_row(task_id)
-        # Leave the spare as the busy worker for the next round; stop the task.
+        # The survivor is the next round's busy worker; stop the task.
         self.session.post(f"{self.base_url}/v1/tasks/{task_id}/cancel", timeout=10)
-        self.workers.remove(spare)
-        self.workers.insert(0, spare)
         return Recovery(killed_at, running, float(at) - killed_at, row.attempt, after.attempt)
 
     def completed_count(self) -> int:

@@ -14,8 +14,9 @@ platform restarts a crashed dyno). Then it waits for every task to finish and re
   design, RUNTIME.md), and webhook events answered ``2xx`` more than once;
 - missing side effects: completed ``calls`` tasks whose ledger lacks a step;
 - state-machine violations seen by the status watcher (tests/faults/watcher.py);
-- recovery times: for every task a kill interrupted (its attempt grew), the time from
-  the kill until a live worker held its step again (p50, p90, max).
+- recovery times: for every task a kill interrupted (the killed worker held its lease),
+  the time from the kill until a live worker held its step again (p50, p90, max);
+- how long runnable tasks sat with no worker on them, and the deepest queues.
 
     python -m bench.soak                         # 1,000 tasks, 10 minutes, 3 workers
     python -m bench.soak --tasks 200 --duration 120 --workers 2
@@ -41,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis as redis_lib
 import requests
 import sqlalchemy as sa
 
@@ -68,9 +70,10 @@ def percentile(values: list[float], q: float) -> float | None:
 class Kill:
     at: float  # monotonic
     worker: str
-    leased: dict[str, tuple[int, int]]  # task id -> (step, attempt) held at the kill
+    # Live leases at the kill: task id -> (step, attempt, lease token, lease expiry).
+    leased: dict[str, tuple[int, int, str, Any]]
     interrupted_keys: set[str]  # calls started and not logged complete at the kill
-    reaped: set[str] = field(default_factory=set)  # leased tasks that were on the victim
+    victims: set[str] | None = None  # the leases the killed worker held (known later)
     resumed: dict[str, float] = field(default_factory=dict)  # task id -> seconds to resume
 
 
@@ -91,6 +94,7 @@ class Soak:
         self.lock = threading.Lock()
         self.stop_killing = threading.Event()
         self.stop_monitor = threading.Event()
+        self.max_queue: dict[str, int] = {}
         self.idle_since: dict[str, float] = {}
         self.idle_stretches: list[float] = []
         self._pg: EmbeddedPostgres | None = None
@@ -113,6 +117,7 @@ class Soak:
             self._redis = EmbeddedRedis(self.tmp / "redis")
             self.redis_url = self._redis.start()
         db.upgrade(self.database_url)
+        self.redis = redis_lib.Redis.from_url(self.redis_url)
         self.engine = sa.create_engine(self.database_url, poolclass=sa.pool.NullPool)
         with self.engine.begin() as conn:
             self.tenant = tenants.create(conn, f"soak-{uuid.uuid4().hex[:8]}")
@@ -132,7 +137,7 @@ class Soak:
             "OUTLAST_WEBHOOK_ALLOW_PRIVATE": "1",
             "OUTLAST_BIND_HOST": "127.0.0.1",
             "OUTLAST_WORKER_CONCURRENCY": str(self.args.concurrency),
-            "OUTLAST_LOG_LEVEL": "WARNING",
+            "OUTLAST_LOG_LEVEL": self.args.log_level,
             "WEB_CONCURRENCY": "2",
         }
         self.base_url = f"http://127.0.0.1:{self.web_port}"
@@ -232,15 +237,17 @@ class Soak:
 
     # --- the killer and the monitor ------------------------------------------------------------
 
-    def leased_now(self) -> dict[str, tuple[int, int]]:
+    def leased_now(self) -> dict[str, tuple[int, int, str, Any]]:
+        """Unexpired leases right now (an expired one belongs to an earlier kill)."""
         with self.engine.connect() as conn:
             rows = conn.execute(
                 sa.text(
-                    "SELECT id, step, attempt FROM tasks "
-                    "WHERE lease_token IS NOT NULL AND status = 'working'"
+                    "SELECT id, step, attempt, lease_token, lease_expires_at FROM tasks "
+                    "WHERE lease_token IS NOT NULL AND status = 'working' "
+                    "AND lease_expires_at > now()"
                 )
             ).all()
-        return {r.id: (r.step, r.attempt) for r in rows}
+        return {r.id: (r.step, r.attempt, r.lease_token, r.lease_expires_at) for r in rows}
 
     def started_calls(self) -> set[str]:
         """Keys of tool calls started and not (yet) logged as completed."""
@@ -268,7 +275,7 @@ class Soak:
             self.kills.append(Kill(at, victim.name, leased, interrupted))
             self.spawn("worker")
             print(
-                f"[{at - self.t0:6.1f}s] killed {victim.name} ({len(leased)} leases held "
+                f"[{at - self.t0:6.1f}s] killed {victim.name} ({len(leased)} live leases "
                 f"system-wide, {len(interrupted)} calls started and not logged complete)",
                 flush=True,
             )
@@ -276,29 +283,31 @@ class Soak:
     def monitor_loop(self) -> None:
         """Time each interrupted task's resumption.
 
-        A task leased at a kill was on the killed worker if the reaper gave it a new
-        attempt before the next kill (the other workers keep renewing their leases).
-        It has resumed at the first moment a worker holds it again, or it moved past
-        the step, or it finished.
+        The killed worker's leases are the ones nobody renewed: a lease + 0.5 s after
+        the kill, a task leased at the kill whose lease is unchanged (same token, same
+        expiry: live workers renew every lease/3) or already reaped (attempt grew) was
+        on the killed worker. It has resumed at the first moment a worker holds it
+        under a new token, or it moved past the step, or it finished.
         """
         next_idle_check = 0.0
         while not self.stop_monitor.wait(0.1):
-            if time.monotonic() >= next_idle_check:
+            now = time.monotonic()
+            if now >= next_idle_check:
                 self.check_idle()
-                next_idle_check = time.monotonic() + 0.5
-            kills = list(self.kills)
-            watching = [
-                (i, k) for i, k in enumerate(kills) if k.leased and len(k.resumed) < len(k.leased)
-            ]
-            if not watching:
+                self.sample_queues()
+                next_idle_check = now + 0.5
+            kills = [k for k in self.kills if k.leased]
+            due = [k for k in kills if k.victims is None and now >= k.at + self.args.lease + 0.5]
+            watching = [k for k in kills if k.victims and len(k.resumed) < len(k.victims)]
+            if not due and not watching:
                 continue
-            ids = list({t for _, k in watching for t in k.leased})
+            ids = list({t for k in due + watching for t in k.leased})
             try:
                 with self.engine.connect() as conn:
                     rows = conn.execute(
                         sa.text(
-                            "SELECT id, step, attempt, status::text AS status, "
-                            "lease_token IS NOT NULL AS leased FROM tasks WHERE id = ANY(:ids)"
+                            "SELECT id, step, attempt, status::text AS status, lease_token, "
+                            "lease_expires_at FROM tasks WHERE id = ANY(:ids)"
                         ),
                         {"ids": ids},
                     ).all()
@@ -306,18 +315,29 @@ class Soak:
                 continue
             now = time.monotonic()
             by_id = {r.id: r for r in rows}
-            for i, kill in watching:
-                window_open = i == len(kills) - 1
-                for task_id, (step, attempt) in kill.leased.items():
-                    row = by_id.get(task_id)
-                    if row is None or task_id in kill.resumed:
-                        continue
-                    if task_id not in kill.reaped:
-                        if not window_open or row.attempt <= attempt:
-                            continue  # not on the killed worker (or not reaped yet)
-                        kill.reaped.add(task_id)
-                    if row.leased or row.step > step or row.status in TERMINAL:
+            for kill in due:
+                kill.victims = set()
+                for task_id, (_step, attempt, token, expires) in kill.leased.items():
+                    row = by_id[task_id]
+                    unrenewed = row.lease_token == token and row.lease_expires_at == expires
+                    if unrenewed or row.attempt > attempt:
+                        kill.victims.add(task_id)
+            for kill in due + watching:
+                for task_id in kill.victims - set(kill.resumed):
+                    step, _attempt, token, _expires = kill.leased[task_id]
+                    row = by_id[task_id]
+                    released = row.lease_token is not None and row.lease_token != token
+                    if released or row.step > step or row.status in TERMINAL:
                         kill.resumed[task_id] = now - kill.at
+
+    def sample_queues(self) -> None:
+        """The broker's backlog: step messages and sweep messages waiting."""
+        try:
+            depth = {q: self.redis.llen(q) for q in ("steps", "maintenance", "webhooks")}
+        except Exception:
+            return
+        for queue, n in depth.items():
+            self.max_queue[queue] = max(self.max_queue.get(queue, 0), n)
 
     def check_idle(self) -> None:
         """Track how long runnable tasks sit with no worker on them (queued, or their
@@ -421,7 +441,7 @@ class Soak:
         )
         hook_dupes = {k: n for k, n in hook_ok.items() if n > 1}
         recoveries = [s for k in self.kills for s in k.resumed.values()]
-        unresumed = sum(len(k.reaped - set(k.resumed)) for k in self.kills)
+        unresumed = sum(len((k.victims or set()) - set(k.resumed)) for k in self.kills)
         result = {
             "command": " ".join(sys.argv),
             "settings": {
@@ -457,6 +477,7 @@ class Soak:
                 "p99": _round(percentile(self.idle_stretches, 0.99)),
                 "max": _round(max(self.idle_stretches)) if self.idle_stretches else None,
             },
+            "max_queue_depth": self.max_queue,
             "calls_made": sum(counts.values()),
             "call_keys": len(counts),
             "calls_repeated_after_kill": len(repeated) - len(duplicated),
@@ -468,7 +489,7 @@ class Soak:
                 {
                     "at_s": round(k.at - self.t0, 1),
                     "worker": k.worker,
-                    "interrupted": len(k.reaped),
+                    "interrupted": len(k.victims or ()),
                     "resumed_after_s": sorted(_round(v) for v in k.resumed.values()),
                 }
                 for k in self.kills
@@ -490,6 +511,8 @@ class Soak:
             self.ledger.close()
         if hasattr(self, "engine"):
             self.engine.dispose()
+        if hasattr(self, "redis"):
+            self.redis.close()
         if self._redis is not None:
             self._redis.stop()
         if self._pg is not None:
@@ -512,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-attempts", type=int, default=5)
     parser.add_argument("--grace", type=float, default=180, help="wait for tasks after kills")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--log-level", default="WARNING", help="of the stack's processes")
     parser.add_argument("--out", default="bench/results/soak.json")
     args = parser.parse_args(argv)
     soak = Soak(args)
