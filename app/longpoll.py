@@ -65,6 +65,9 @@ class TaskNotifications:
         self._pid: int | None = None
         self._connected = threading.Event()
         self._stop = threading.Event()
+        self._listening_url: str | None = None
+        # A pipe that interrupts the listener's select() when DATABASE_URL changed.
+        self._nudge: tuple[int, int] | None = None
 
     @property
     def connected(self) -> bool:
@@ -106,13 +109,23 @@ class TaskNotifications:
             waiter.wake()
 
     def _ensure_listener(self) -> None:
+        from app import settings as settings_mod
+
         if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
+            if self._listening_url != settings_mod.current().database_url and self._nudge:
+                # Reconfigured (tests, `outlast up`): follow the new database now.
+                os.write(self._nudge[1], b"!")
             return
         with self._lock:
             if self._thread is not None and self._thread.is_alive() and self._pid == os.getpid():
                 return
             if self._pid != os.getpid():  # forked: the parent's thread does not exist here
                 self._connected.clear()
+                self._nudge = None  # the inherited pipe is the parent's
+            if self._nudge is None:
+                self._nudge = os.pipe()
+                os.set_blocking(self._nudge[0], False)
+                os.set_blocking(self._nudge[1], False)
             self._pid = os.getpid()
             self._stop.clear()
             self._thread = threading.Thread(
@@ -149,6 +162,7 @@ class TaskNotifications:
             conn = None
             try:
                 conn = self._connect(settings_mod.current().require_database_url())
+                self._listening_url = url
                 self._connected.set()
                 delay = 0.2
                 # Anything committed before LISTEN took effect: every waiter re-reads.
@@ -156,8 +170,14 @@ class TaskNotifications:
                 while not self._stop.is_set():
                     if settings_mod.current().database_url != url:
                         break  # reconfigured (tests, `outlast up`): follow the new database
-                    readable, _, _ = select.select([conn], [], [], LISTENER_TICK_SECONDS)
-                    if not readable:
+                    nudge = self._nudge[0]
+                    readable, _, _ = select.select([conn, nudge], [], [], LISTENER_TICK_SECONDS)
+                    if nudge in readable:
+                        try:
+                            os.read(nudge, 4096)
+                        except BlockingIOError:
+                            pass
+                    if conn not in readable:
                         continue
                     conn.poll()
                     while conn.notifies:
@@ -165,6 +185,7 @@ class TaskNotifications:
             except Exception as exc:  # database down or connection lost: retry with backoff
                 log.warning("task listener disconnected, retrying in %.1fs: %s", delay, exc)
             finally:
+                self._listening_url = None
                 self._connected.clear()
                 self._wake_all()
                 if conn is not None:
