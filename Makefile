@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[server,test]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -22,16 +22,16 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check app workers tasks tests bench migrations
-	$(BIN)/ruff format --check app workers tasks tests bench migrations
+	$(BIN)/ruff check outlast app workers tasks tests bench migrations
+	$(BIN)/ruff format --check outlast app workers tasks tests bench migrations
 
 format: $(STAMP)
-	$(BIN)/ruff format app workers tasks tests bench migrations
-	$(BIN)/ruff check --fix app workers tasks tests bench migrations
+	$(BIN)/ruff format outlast app workers tasks tests bench migrations
+	$(BIN)/ruff check --fix outlast app workers tasks tests bench migrations
 
 ## Benchmarks beside their baselines (installs the bench extra; see docs/benchmarks.md).
 bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[server,test,bench]'
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:

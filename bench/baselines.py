@@ -17,7 +17,7 @@ import redis as redis_lib
 import sqlalchemy as sa
 from celery import Celery
 
-from app.processes import ManagedProcess
+from app.dev.processes import ManagedProcess
 from bench import baseline_schema
 from bench.infra import CpuMeter, Infra, sample_rss, wait_for
 from bench.loadgen import http_request

@@ -20,8 +20,8 @@ import psutil
 import redis as redis_lib
 import sqlalchemy as sa
 
-from app.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
-from app.processes import ManagedProcess, stop_all
+from app.dev.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
+from app.dev.processes import ManagedProcess, stop_all
 from app.settings import database_url_for_sqlalchemy
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import requests
 import sqlalchemy as sa
 
-from app import db, tenants
-from app.processes import ManagedProcess
+from app.dev.processes import ManagedProcess
+from app.store import db, tenants
 from bench.baselines import ChainRun
 from bench.infra import CpuMeter, Infra, sample_rss, wait_for
 from bench.loadgen import http_request, run_load

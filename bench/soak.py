@@ -49,10 +49,10 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app import db, tenants  # noqa: E402
-from app.embedded import EmbeddedPostgres, EmbeddedRedis, free_port  # noqa: E402
-from app.processes import ManagedProcess, stop_all  # noqa: E402
+from app.dev.embedded import EmbeddedPostgres, EmbeddedRedis, free_port  # noqa: E402
+from app.dev.processes import ManagedProcess, stop_all  # noqa: E402
 from app.settings import database_url_for_sqlalchemy  # noqa: E402
+from app.store import db, tenants  # noqa: E402
 from tests.faults.ledger import Ledger  # noqa: E402
 from tests.faults.watcher import TERMINAL, StatusWatcher  # noqa: E402
 from tests.harness import read_procfile  # noqa: E402

@@ -1,7 +1,7 @@
 """The step runner task (``outlast.run_step``): one message runs one step of one task.
 
 ``acks_late`` + ``reject_on_worker_lost``: the message is acknowledged after the step
-ran and re-queued if the pool child dies; fencing in :mod:`app.engine` makes a second
+ran and re-queued if the pool child dies; fencing in :mod:`app.engine.runner` makes a second
 delivery harmless. The soft time limit fails the step; the hard limit kills the child,
 after which the lease expires and the reaper resumes the task (attempt + 1).
 """
@@ -12,21 +12,23 @@ import time
 
 from celery import shared_task
 
-from app import db_errors, engine, logs, metrics
-from workers.celery_app import STEP_SOFT_TIME_LIMIT, STEP_TIME_LIMIT
+from app.engine import runner
+from app.ops import logs, metrics
+from app.store import db_errors, messages
+from outlast.backoff import Backoff
 
 # While the database is unreachable the message is retried after 1, 2, 4 ... 30 seconds
 # (in the worker's memory; the lost-message sweep covers a worker dying meanwhile).
-DB_RETRY_MAX_SECONDS = 30
+DB_RETRY = Backoff(base=1.0, cap=30.0)
 
 
 @shared_task(
-    name="outlast.run_step",
+    name=messages.RUN_STEP,
     bind=True,
     acks_late=True,
     reject_on_worker_lost=True,
-    soft_time_limit=STEP_SOFT_TIME_LIMIT,
-    time_limit=STEP_TIME_LIMIT,
+    soft_time_limit=messages.STEP_SOFT_TIME_LIMIT,
+    time_limit=messages.STEP_TIME_LIMIT,
     ignore_result=True,
     max_retries=None,
 )
@@ -34,10 +36,10 @@ def run_step(self, task_id: str, step: int) -> str:
     """Run step ``step`` of task ``task_id`` unless another execution owns it."""
     started = time.monotonic()
     try:
-        outcome = engine.run_step(task_id, int(step))
+        outcome = runner.run_step(task_id, int(step))
     except Exception as exc:
         if db_errors.is_database_unavailable(exc):
-            countdown = min(DB_RETRY_MAX_SECONDS, 2**self.request.retries)
+            countdown = DB_RETRY.delay(self.request.retries + 1)
             raise self.retry(exc=exc, countdown=countdown) from exc
         raise
     if outcome != "skipped":  # a duplicate message ran nothing; the engine bound the agent

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from app import webhooks
+from app.store import messages
+from app.webhooks import sender
 
 
-@shared_task(name="outlast.deliver_webhook", ignore_result=True)
+@shared_task(name=messages.DELIVER_WEBHOOK, ignore_result=True)
 def deliver_webhook(delivery_id: str) -> str:
     """Make one attempt of ``delivery_id`` if it is due (a duplicate message is a no-op)."""
-    return webhooks.attempt_delivery(delivery_id)
+    return sender.attempt_delivery(delivery_id)
 
 
-@shared_task(name="outlast.sweep.webhooks", ignore_result=True)
+@shared_task(name=messages.SWEEP_WEBHOOKS, ignore_result=True)
 def sweep_webhooks() -> int:
     """Queue a delivery attempt for every due retry (claimed with SKIP LOCKED)."""
-    return webhooks.dispatch_due()
+    return sender.dispatch_due()

@@ -20,10 +20,10 @@ import pytest
 import redis as redis_lib
 import sqlalchemy as sa
 
-from app import db, tenants
 from app import settings as settings_mod
-from app.embedded import EmbeddedPostgres, EmbeddedRedis
+from app.dev.embedded import EmbeddedPostgres, EmbeddedRedis
 from app.settings import Settings, database_url_for_sqlalchemy
+from app.store import db, tenants
 from tests.harness import Stack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,7 +144,7 @@ def settings(env: dict[str, str]) -> Iterator[Settings]:
 
 @pytest.fixture
 def flask_app(settings: Settings):
-    from app import create_app
+    from workers.celery_app import create_app
 
     return create_app(settings)
 

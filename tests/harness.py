@@ -16,8 +16,8 @@ from pathlib import Path
 
 import requests
 
-from app.embedded import free_port
-from app.processes import ManagedProcess, stop_all
+from app.dev.embedded import free_port
+from app.dev.processes import ManagedProcess, stop_all
 
 
 def read_procfile(root: Path) -> dict[str, str]:

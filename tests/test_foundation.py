@@ -13,9 +13,9 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from app import db, tenants
-from app.processes import ManagedProcess, group_members
+from app.dev.processes import ManagedProcess, group_members
 from app.settings import Settings, SettingsError
+from app.store import db, tenants
 from tests.harness import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,7 +192,7 @@ def test_flower_refuses_to_start_without_basic_auth(stack):
 @pytest.mark.smoke
 @pytest.mark.slow
 def test_outlast_up_on_embedded_servers_serves_then_stops_everything(tmp_path):
-    from app.embedded import free_port
+    from app.dev.embedded import free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}

@@ -1,6 +1,8 @@
 """The Celery app, configured from :mod:`app.settings` (Flask's Celery pattern).
 
-``celery_init_app(flask_app)`` is called by ``app.create_app``; tasks are declared with
+:func:`create_app` is the Flask app factory with its Celery app attached
+(``celery_init_app``); it lives here, above ``app``, so that ``app`` never imports the
+Celery wiring (``app`` publishes through ``celery.current_app``). Tasks are declared with
 ``@shared_task`` in the ``tasks`` package and receive ids, never ORM objects.
 """
 
@@ -8,30 +10,27 @@ from __future__ import annotations
 
 import ssl
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from celery import Celery, Task
-from celery import current_app as _current_celery
 from flask import Flask
 
-from app.settings import Settings
+from app import api
+from app.settings import Settings, SettingsError
+from app.store import messages
+from workers.beat import beat_schedule
 
-# Celery task names and their queues: agent steps, webhook sends and maintenance sweeps
-# each get their own queue so a slow receiver or a long sweep never starves agents.
-QUEUES = ("steps", "webhooks", "maintenance")
 TASK_MODULES = ("tasks.steps", "tasks.webhooks", "tasks.sweeps")
 
 # Redis redelivers an unacknowledged message after this long (kombu's restore). It must
 # exceed the longest step (the hard time limit); the Postgres lease and the reaper are
 # the fast recovery path, this is the slow safety net.
-STEP_SOFT_TIME_LIMIT = 3900
-STEP_TIME_LIMIT = 4000
 VISIBILITY_TIMEOUT = 2 * 3600
+assert VISIBILITY_TIMEOUT > messages.STEP_TIME_LIMIT
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The whole Celery configuration for ``settings``."""
-    from workers.beat import beat_schedule
-
     redis_url = settings.require_redis_url()
     transport = {
         "visibility_timeout": VISIBILITY_TIMEOUT,
@@ -50,12 +49,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "timezone": "UTC",
         "enable_utc": True,
         "include": list(TASK_MODULES),
-        "task_default_queue": "steps",
-        "task_routes": {
-            "outlast.run_step": {"queue": "steps"},
-            "outlast.deliver_webhook": {"queue": "webhooks"},
-            "outlast.sweep.*": {"queue": "maintenance"},
-        },
+        "task_default_queue": messages.STEPS_QUEUE,
+        "task_routes": messages.ROUTES,
         # A step's message is acknowledged only after it ran, and re-queued when the
         # pool child running it dies; fencing in PostgreSQL makes the redelivery harmless.
         "task_acks_late": True,
@@ -89,15 +84,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
-def message_labels(task_name: str, args: list[Any], agent: str | None) -> dict[str, str]:
-    """Publish options that make a step readable in Flower: the name says which agent
-    (``outlast.run_step[echo]``, bounded, so Flower's per-name counts stay useful) and the
-    args which task and step. The worker still runs ``outlast.run_step``."""
-    if task_name == "outlast.run_step" and agent and len(args) >= 2:
-        return {"shadow": f"{task_name}[{agent}]", "argsrepr": f"task {args[0]} step {args[1]}"}
-    return {}
-
-
 _CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
 
 
@@ -105,10 +91,6 @@ def redis_ssl_cert_reqs(redis_url: str) -> ssl.VerifyMode:
     """Certificate checking for a ``rediss://`` URL: verified unless the URL says
     ``?ssl_cert_reqs=none`` (Heroku Redis serves a self-signed certificate), as the
     redis client itself reads that parameter (celery#5371)."""
-    from urllib.parse import parse_qs, urlsplit
-
-    from app.settings import SettingsError
-
     raw = parse_qs(urlsplit(redis_url).query).get("ssl_cert_reqs", ["required"])[0]
     key = raw.lower().removeprefix("cert_")
     if key not in _CERT_REQS:
@@ -133,6 +115,8 @@ def celery_init_app(flask_app: Flask, settings: Settings) -> Celery:
     return celery_app
 
 
-def celery() -> Celery:
-    """The process's Celery app (the one ``create_app`` made)."""
-    return _current_celery._get_current_object()
+def create_app(settings: Settings | None = None) -> Flask:
+    """The Flask app with its Celery app attached: what web and worker processes run."""
+    flask_app = api.create_app(settings)
+    celery_init_app(flask_app, flask_app.config["OUTLAST_SETTINGS"])
+    return flask_app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery.signals import setup_logging, worker_process_init
 
-from app import db
+from app.store import db
 
 
 @worker_process_init.connect
@@ -16,6 +16,7 @@ def _fresh_connections_after_fork(**_: object) -> None:
 @setup_logging.connect
 def _configure_logging(**_: object) -> None:
     # Our own logging configuration replaces Celery's (one JSON object per line).
-    from app import logs, settings
+    from app import settings
+    from app.ops import logs
 
     logs.configure(settings.current())

@@ -1,5 +1,5 @@
-"""The HTTP layer: /v1 blueprints (flask-smorest, so /openapi.json is generated from the
-marshmallow schemas) and the operational endpoints."""
+"""The HTTP layer: the Flask app, /v1 blueprints (flask-smorest, so /openapi.json is
+generated from the marshmallow schemas) and the operational endpoints."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ from flask import Flask
 from flask_smorest import Api
 from flask_smorest.utils import prepare_response
 
-from app import auth, errors, logs
+from app import errors
+from app import settings as settings_mod
+from app.api import auth, problems
+from app.ops import logs
+from app.ops import metrics as recorded_metrics
+from app.settings import Settings
 
 V1_BLUEPRINTS = ("app.api.tasks", "app.api.events", "app.api.deliveries")
 DOCS_ASSETS_PATH = "/docs/assets"
@@ -19,7 +24,7 @@ class OutlastApi(Api):
     """flask-smorest's Api, documenting errors as they are sent: problem+json."""
 
     def _register_responses(self) -> None:
-        from app.schemas import ProblemSchema
+        from app.api.schemas import ProblemSchema
 
         # Reusable responses named after the status (flask-smorest's convention, used
         # by @blp.alt_response and @blp.arguments' 422), plus the "default" error.
@@ -91,5 +96,21 @@ def init_app(flask_app: Flask) -> Api:
         f"{DOCS_ASSETS_PATH}/<path:filename>", "docs_assets", _docs_asset, methods=["GET"]
     )
     logs.init_app(flask_app)  # a request id on every web log line and as X-Request-Id
-    errors.register(flask_app)
+    problems.register(flask_app)
     return api
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """The Flask application for ``settings`` (the process's settings by default).
+
+    It has no Celery app of its own: the process that serves it attaches one
+    (``workers.wsgi``, ``workers.make_celery``), and the store publishes through
+    ``celery.current_app``.
+    """
+    settings = settings_mod.configure(settings or settings_mod.current())
+    flask_app = Flask("outlast")
+    flask_app.config["OUTLAST_SETTINGS"] = settings
+    flask_app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    init_app(flask_app)
+    recorded_metrics.install()  # count the events this process commits
+    return flask_app

@@ -1,6 +1,6 @@
 """/v1 webhook endpoints: a task's deliveries, replaying them, rotating the secret.
 
-Views build their JSON with :mod:`app.webhooks`; the schemas below describe it for the
+Views build their JSON with :mod:`app.webhooks.deliveries`; the schemas below describe it for the
 OpenAPI document and validate the replay request.
 """
 
@@ -17,9 +17,10 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
-from app import db, lifecycle, webhooks
-from app.auth import current_tenant
+from app.api.auth import current_tenant
 from app.errors import InvalidJson, NotFound, UnsupportedMediaType
+from app.store import db, lifecycle
+from app.webhooks import deliveries, secrets
 
 blueprint = Blueprint(
     "deliveries",
@@ -121,7 +122,7 @@ class TaskDeliveries(MethodView):
         """List a task's webhook deliveries, oldest first (replays included)."""
         with db.engine().connect() as conn:
             task = _load_task(conn, task_id)
-            data = webhooks.list_for_task(conn, task["id"], task["tenant_id"])
+            data = deliveries.list_for_task(conn, task["id"], task["tenant_id"])
         return _json({"data": data})
 
 
@@ -142,7 +143,7 @@ class TaskDeliveriesReplay(MethodView):
         """
         with db.transaction() as conn:
             task = _load_task(conn, task_id)
-            created = webhooks.replay(conn, task, after=body.get("after", 0))
+            created = deliveries.replay(conn, task, after=body.get("after", 0))
         return _json({"data": created}, 202)
 
 
@@ -156,7 +157,7 @@ class WebhookSecretRotate(MethodView):
         (a second v1 signature) for 24 hours, so receivers can switch without a gap.
         """
         with db.transaction() as conn:
-            secret = webhooks.rotate_secret(conn, current_tenant())
+            secret = secrets.rotate_secret(conn, current_tenant())
         response = _json({"webhook_secret": secret})
         response.headers["Cache-Control"] = "no-store"  # a secret must not be cached
         return response

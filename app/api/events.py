@@ -10,17 +10,17 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import sqlalchemy as sa
 from flask import Response, request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
-from app import db, schemas
+from app.api import queries, schemas
+from app.api.longpoll import notifications
 from app.api.tasks import json_response, load_task
 from app.errors import ValidationFailed
-from app.lifecycle import TERMINAL
-from app.longpoll import notifications
-from app.representation import event_json
+from app.store import db
+from app.store.lifecycle import TERMINAL
+from app.store.representation import event_json
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +32,6 @@ EVENT_STREAM = "text/event-stream"
 # server notice a client that went away.
 KEEPALIVE_SECONDS = 15.0
 STREAM_BATCH = 500
-
-_EVENTS_AFTER = sa.text(
-    "SELECT task_id, seq, id, type, data, created_at FROM events "
-    "WHERE task_id = :task_id AND seq > :after ORDER BY seq LIMIT :limit"
-)
 
 
 def wants_event_stream() -> bool:
@@ -98,7 +93,7 @@ class TaskEvents(MethodView):
             if not wants_event_stream():
                 rows = (
                     conn.execute(
-                        _EVENTS_AFTER,
+                        queries.EVENTS_AFTER,
                         {"task_id": task_id, "after": query["after"], "limit": query["limit"] + 1},
                     )
                     .mappings()
@@ -141,7 +136,7 @@ def _stream(task_id: str, after: int) -> Iterator[str]:
                 with db.engine().connect() as conn:
                     rows = (
                         conn.execute(
-                            _EVENTS_AFTER,
+                            queries.EVENTS_AFTER,
                             {"task_id": task_id, "after": last, "limit": STREAM_BATCH},
                         )
                         .mappings()
@@ -150,7 +145,7 @@ def _stream(task_id: str, after: int) -> Iterator[str]:
                     status = None
                     if not rows:
                         status = conn.execute(
-                            sa.text("SELECT status::text FROM tasks WHERE id = :id"),
+                            queries.TASK_STATUS,
                             {"id": task_id},
                         ).scalar()
                 for row in rows:

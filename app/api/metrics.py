@@ -1,7 +1,7 @@
 """GET /metrics: Prometheus text format (no API key).
 
 Served by whichever web process the scrape reaches: the numbers come from the shared
-store (see :mod:`app.metrics`), so every web process answers the same.
+store (see :mod:`app.ops.metrics`), so every web process answers the same.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, request
 from prometheus_client.exposition import choose_encoder
 
-from app import metrics
+from app.ops import metrics
 
 blueprint = Blueprint("metrics", __name__)
 

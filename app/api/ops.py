@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
+from celery import current_app as celery_app
 from flask import Blueprint, jsonify
 
-from app import db
+from app.store import db
 
 blueprint = Blueprint("ops", __name__)
 
@@ -27,9 +28,7 @@ def readyz():
     except Exception as exc:
         checks["database"] = f"unavailable: {type(exc).__name__}"
     try:
-        from workers.celery_app import celery
-
-        with celery().connection_for_write() as conn:
+        with celery_app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
             conn.default_channel.client.ping()
         checks["broker"] = "ok"

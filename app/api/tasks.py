@@ -13,19 +13,19 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-import jsonschema
-import sqlalchemy as sa
 from flask import Response, g, request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 from sqlalchemy.engine import Connection, RowMapping
 
-from app import db, lifecycle, outbox, schemas, submission
+from app.api import queries, schemas
+from app.api.auth import current_tenant
 from app.api.jsonbody import json_body
-from app.auth import current_tenant
+from app.api.longpoll import notifications
 from app.errors import NotFound, TaskNotWaiting, TaskTerminal, ValidationFailed
-from app.longpoll import notifications
-from app.representation import TASK_COLUMNS, rfc3339, task_json
+from app.store import db, lifecycle, outbox, submission, tool_calls
+from app.store.representation import rfc3339, task_json
+from app.validation import schema_errors
 
 blueprint = Blueprint("tasks", __name__, description="Submit, read, list, cancel and answer tasks.")
 
@@ -55,7 +55,7 @@ TASK_HEADERS = {
 def json_response(
     body: Any, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> Response:
-    """A JSON answer (views build their own bodies with :mod:`app.representation`)."""
+    """A JSON answer (views build their own bodies with :mod:`app.store.representation`)."""
     response = Response(json.dumps(body), status=status, mimetype="application/json")
     for name, value in (headers or {}).items():
         response.headers[name] = value
@@ -174,23 +174,15 @@ class TaskCollection(MethodView):
 
         Cursor paging is stable while new tasks arrive: pass next_cursor back as cursor.
         """
-        where = ["tenant_id = :tenant_id"]
-        params: dict[str, Any] = {"tenant_id": current_tenant(), "limit": query["limit"] + 1}
-        if "status" in query:
-            where.append("status = CAST(:status AS task_status)")
-            params["status"] = query["status"]
-        if "agent" in query:
-            where.append("agent = :agent")
-            params["agent"] = query["agent"]
-        if "cursor" in query:
-            params["c_at"], params["c_id"] = decode_cursor(query["cursor"])
-            where.append("(created_at, id) < (:c_at, :c_id)")
-        sql = (
-            f"SELECT {TASK_COLUMNS} FROM tasks WHERE {' AND '.join(where)} "
-            "ORDER BY created_at DESC, id DESC LIMIT :limit"
-        )
         with db.engine().connect() as conn:
-            rows = conn.execute(sa.text(sql), params).mappings().all()
+            rows = queries.list_tasks(
+                conn,
+                current_tenant(),
+                limit=query["limit"] + 1,
+                status=query.get("status"),
+                agent=query.get("agent"),
+                before=decode_cursor(query["cursor"]) if "cursor" in query else None,
+            )
         page = rows[: query["limit"]]
         more = len(rows) > query["limit"]
         return json_response(
@@ -268,28 +260,16 @@ class TaskSteps(MethodView):
         """The checkpoint log, oldest first, each step with its tool calls."""
         with db.engine().connect() as conn:
             load_task(conn, task_id)
-            checkpoints = conn.execute(
-                sa.text(
-                    "SELECT step_index, started_at, finished_at FROM checkpoints "
-                    "WHERE task_id = :task_id ORDER BY step_index"
-                ),
-                {"task_id": task_id},
-            ).all()
-            calls = conn.execute(
-                sa.text(
-                    "SELECT step_index, call_index, name, idempotency_key, status "
-                    "FROM tool_calls WHERE task_id = :task_id ORDER BY step_index, call_index"
-                ),
-                {"task_id": task_id},
-            ).all()
+            checkpoints = conn.execute(queries.CHECKPOINTS, {"task_id": task_id}).all()
+            calls = tool_calls.for_task(conn, task_id)
         by_step: dict[int, list[dict[str, Any]]] = {}
         for call in calls:
-            by_step.setdefault(call.step_index, []).append(
+            by_step.setdefault(call["step_index"], []).append(
                 {
-                    "index": call.call_index,
-                    "name": call.name,
-                    "idempotency_key": call.idempotency_key,
-                    "status": call.status,
+                    "index": call["call_index"],
+                    "name": call["name"],
+                    "idempotency_key": call["idempotency_key"],
+                    "status": call["status"],
                 }
             )
         steps = [
@@ -343,13 +323,7 @@ class TaskInput(MethodView):
                 raise NotFound("No task with this id.")
             # Locked so that the state checked is the state resumed.
             row = (
-                conn.execute(
-                    sa.text(
-                        f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = :id "
-                        "AND tenant_id = :tenant_id FOR UPDATE"
-                    ),
-                    {"id": task_id, "tenant_id": current_tenant()},
-                )
+                conn.execute(queries.LOCK_TASK, {"id": task_id, "tenant_id": current_tenant()})
                 .mappings()
                 .one_or_none()
             )
@@ -357,7 +331,7 @@ class TaskInput(MethodView):
                 raise NotFound("No task with this id.")
             if row["status"] != lifecycle.Status.INPUT_REQUIRED:
                 raise TaskNotWaiting(f"The task is {row['status']}, not input_required.")
-            errors = input_errors((row["input_request"] or {}).get("schema"), body["input"])
+            errors = schema_errors((row["input_request"] or {}).get("schema"), body["input"])
             if errors:
                 raise ValidationFailed(errors, "The input does not match input_request.schema.")
             resumed = lifecycle.resume_with_input(conn, task_id, current_tenant(), body["input"])
@@ -365,29 +339,3 @@ class TaskInput(MethodView):
                 raise TaskNotWaiting("The task is no longer waiting for input.")
             outbox.add_step(conn, task_id, resumed["step"])
         return task_response(resumed, 202)
-
-
-def input_errors(schema: Any, value: Any) -> dict[str, list[str]]:
-    """``{"input.<path>": [messages]}`` for ``value`` against a task's input schema."""
-    if not isinstance(schema, dict):
-        return {}
-    validator_cls = jsonschema.validators.validator_for(
-        schema, default=jsonschema.Draft202012Validator
-    )
-    try:
-        validator_cls.check_schema(schema)
-    except jsonschema.SchemaError:  # the agent's mistake: do not block the human on it
-        return {}
-    errors: dict[str, list[str]] = {}
-    for error in validator_cls(schema).iter_errors(value):
-        parts = ["input", *(str(p) for p in error.absolute_path)]
-        message = error.message
-        if error.validator == "required" and isinstance(error.instance, dict):
-            missing = [p for p in error.validator_value if p not in error.instance]
-            for prop in missing:
-                if error.message.startswith(repr(prop)):
-                    parts.append(str(prop))
-                    message = "Missing data for required field."
-                    break
-        errors.setdefault(".".join(parts), []).append(message)
-    return errors

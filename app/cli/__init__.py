@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from app.cli import admin, server
+from app.cli import admin, caller, server
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -13,13 +13,5 @@ def main() -> None:
     """Outlast: durable, checkpointed execution of long-running AI agent tasks."""
 
 
-for command in (*server.COMMANDS, *admin.COMMANDS):
+for command in (*server.COMMANDS, *admin.COMMANDS, *caller.COMMANDS):
     main.add_command(command)
-
-try:  # the callers' commands (submit, status, events, cancel, input)
-    from app.cli import caller
-
-    for command in caller.COMMANDS:
-        main.add_command(command)
-except ImportError:  # pragma: no cover - absent only while being written
-    pass

@@ -7,7 +7,8 @@ import sys
 
 import click
 
-from app import db, settings, tenants
+from app import settings
+from app.store import db, tenants
 
 
 def _fail(message: str) -> None:

@@ -1,6 +1,6 @@
 """The callers' commands: ``outlast submit``, ``status``, ``events``, ``cancel``, ``input``.
 
-They talk to a running Outlast over HTTP with :class:`app.client.Client`; the URL and the
+They talk to a running Outlast over HTTP with :class:`outlast.client.Client`; the URL and the
 API key come from ``--url``/``--api-key`` or ``OUTLAST_URL``/``OUTLAST_API_KEY`` (the
 lines ``outlast up`` prints). ``--json`` prints machine-readable JSON on stdout.
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from app.client import Client, OutlastError, WaitTimeout
+from outlast.client import Client, OutlastError, WaitTimeout
 
 EXIT_API_ERROR = 1
 EXIT_FAILED = 3

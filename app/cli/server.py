@@ -14,8 +14,9 @@ from pathlib import Path
 
 import click
 
-from app import db, settings, tenants
-from app.processes import ManagedProcess, stop_all
+from app import settings
+from app.dev.processes import ManagedProcess, stop_all
+from app.store import db, tenants
 
 CELERY_TARGET = "workers.make_celery"
 
@@ -55,9 +56,9 @@ def web() -> None:
             "--access-logfile",
             "-",
             "--logger-class",
-            "app.logs.GunicornLogger",
+            "app.ops.logs.GunicornLogger",
             "--no-control-socket",
-            "app.wsgi:app",
+            "workers.wsgi:create_web_app()",
         ]
     )
 
@@ -168,7 +169,7 @@ def up(var_dir: str, port: int | None) -> None:
     With no DATABASE_URL / REDIS_URL, starts an embedded PostgreSQL and Redis under
     VAR_DIR first, and stops them on the way out.
     """
-    from app.embedded import EmbeddedPostgres, EmbeddedRedis
+    from app.dev.embedded import EmbeddedPostgres, EmbeddedRedis
 
     var = Path(var_dir).resolve()
     var.mkdir(parents=True, exist_ok=True)

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from app import db, ids, lifecycle, tenants, tool_calls
 from app import settings as settings_mod
-from app.embedded import free_port
+from app.dev.embedded import free_port
 from app.settings import Settings
+from app.store import db, ids, lifecycle, tenants, tool_calls
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -33,7 +33,7 @@ def other_auth(other_tenant: tenants.CreatedTenant) -> dict[str, str]:
 def make_app(settings: Settings) -> Iterator[Any]:
     """``make_app(**changes)``: a Flask app over this test's settings with some changed
     (the previous settings are restored afterwards)."""
-    from app import create_app
+    from workers.celery_app import create_app
 
     def make(**changes: Any):
         return create_app(settings.replace(**changes))

@@ -6,7 +6,7 @@ import json
 
 import sqlalchemy as sa
 
-from app import db
+from app.store import db
 from tests.api.conftest import ask_for_input, assert_problem, complete, fail, start, submit
 
 

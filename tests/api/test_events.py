@@ -6,7 +6,7 @@ import json
 import threading
 import time
 
-from app import db, lifecycle
+from app.store import db, lifecycle
 from tests.api.conftest import assert_problem, checkpoint, start, submit
 
 SSE = {"Accept": "text/event-stream"}

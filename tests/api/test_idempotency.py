@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 import sqlalchemy as sa
 
-from app import db, lifecycle, submission
+from app.store import db, lifecycle, submission
 from tests.api.conftest import assert_problem, submit
 
 BODY = {"agent": "echo", "input": {"message": "once"}, "metadata": {"n": 1}}
@@ -111,8 +111,8 @@ def test_key_is_kept_for_the_configured_ttl(make_app, tenant):
 
 def test_request_waiting_on_an_uncommitted_first_is_409_then_a_retry_replays(client, auth, tenant):
     # Given a first request whose transaction holds the key and has not committed...
-    blocker = db.engine().connect()
-    tx = blocker.begin()
+    first_transaction = db.transaction()
+    blocker = first_transaction.__enter__()
     blocker.execute(
         sa.text(
             "INSERT INTO idempotency_keys (tenant_id, key, fingerprint, expires_at) "
@@ -142,9 +142,8 @@ def test_request_waiting_on_an_uncommitted_first_is_409_then_a_retry_replays(cli
             submission.IN_FLIGHT_WAIT_SECONDS - 0.5 < waited < submission.IN_FLIGHT_WAIT_SECONDS + 3
         )
         assert problem["detail"]
-        tx.commit()
     finally:
-        blocker.close()
+        first_transaction.__exit__(None, None, None)  # commits
     # Once the first committed, the retry gets its task.
     retry = post(client, auth, "slow")
     assert retry.status_code == 202 and retry.headers["Idempotent-Replayed"] == "true"
@@ -153,8 +152,8 @@ def test_request_waiting_on_an_uncommitted_first_is_409_then_a_retry_replays(cli
 
 
 def test_waiting_request_replays_as_soon_as_the_first_commits(client, auth, tenant):
-    blocker = db.engine().connect()
-    tx = blocker.begin()
+    first_transaction = db.transaction()
+    blocker = first_transaction.__enter__()
     blocker.execute(
         sa.text(
             "INSERT INTO idempotency_keys (tenant_id, key, fingerprint, expires_at) "
@@ -173,7 +172,7 @@ def test_waiting_request_replays_as_soon_as_the_first_commits(client, auth, tena
         idempotency_key="k2",
     )
     blocker.execute(sa.text("UPDATE idempotency_keys SET task_id = :id"), {"id": row["id"]})
-    threading.Timer(0.5, lambda: (tx.commit(), blocker.close())).start()
+    threading.Timer(0.5, lambda: first_transaction.__exit__(None, None, None)).start()
     response = post(client, auth, "k2")
     assert response.status_code == 202
     assert response.get_json()["id"] == row["id"]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
-from app import db, lifecycle
-from app.longpoll import notifications
+from app.api.longpoll import notifications
+from app.store import db, lifecycle
 from tests.api.conftest import (
     ask_for_input,
     assert_problem,

@@ -7,8 +7,8 @@ import time
 
 import sqlalchemy as sa
 
-from app import db
-from app.embedded import free_port
+from app.dev.embedded import free_port
+from app.store import db
 from tests.api.conftest import assert_problem, closed_port_url, submit
 
 

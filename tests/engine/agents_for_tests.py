@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from app.agents import agent
-from app.agents.context import StepContext
+from app.engine.context import StepContext
+from outlast import agent
 
 URL_INPUT = {
     "type": "object",

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from app import db, lifecycle, outbox
+from app.store import db, lifecycle, outbox
 from tests.engine.servers import LocalServer, json_answer
 from tests.harness import wait_until
 

@@ -7,13 +7,12 @@ import time
 
 import pytest
 
-from app.agents import get_agent, validate_input
-from app.agents import registry as registry_mod
-from app.agents.http import fetch
-from app.agents.llm import ChatCompletionsClient, OfflineModel
-from app.agents.sdk import AgentError
-from app.agents.tools import TransientToolError
-from app.embedded import free_port
+from app.dev.embedded import free_port
+from app.engine import registry as registry_mod
+from app.engine.http_tools import fetch
+from app.engine.llm import ChatCompletionsClient, OfflineModel
+from app.engine.registry import get_agent, validate_input
+from outlast.sdk import AgentError, TransientToolError
 from tests.engine.conftest import TEST_AGENTS
 from tests.engine.servers import LocalServer, json_answer
 
@@ -93,13 +92,43 @@ def test_a_broken_agent_module_does_not_hide_the_others(no_database_settings):
 
 
 def test_registering_another_function_under_a_taken_name_is_an_error(no_database_settings):
-    from app.agents import agent
+    from outlast import agent
 
+    @agent("echo", input_schema={"type": "object"})
+    def impostor(ctx, state):  # pragma: no cover - never registered
+        return ctx.done({})
+
+    registry_mod.load()  # the built-in echo is registered first
     with pytest.raises(registry_mod.AgentConflict):
+        registry_mod.register(impostor)
+    assert registry_mod.get_agent("echo").step is not impostor.step
 
-        @agent("echo", input_schema={"type": "object"})
-        def impostor(ctx, state):  # pragma: no cover - never registered
-            return ctx.done({})
+
+def test_the_sdk_is_plain_data_and_the_registry_finds_it_in_a_module(no_database_settings):
+    import types
+
+    from outlast import Agent, Tool, agent, tool
+
+    # Given a module that declares an agent and a tool with the public SDK only
+    module = types.ModuleType("plain_sdk_module")
+    exec(
+        "from outlast import agent, tool\n"
+        "@tool('plain_tool')\n"
+        "def plain_tool(call):\n"
+        "    return {'key': call.key}\n"
+        "@agent('plain_agent', input_schema={'type': 'object'})\n"
+        "def plain_agent(ctx, state):\n"
+        "    return ctx.done(ctx.tool('plain_tool'))\n",
+        module.__dict__,
+    )
+    # Then the decorators returned plain objects and registered nothing themselves
+    assert isinstance(module.plain_agent, Agent) and isinstance(module.plain_tool, Tool)
+    assert get_agent("plain_agent") is None
+    assert agent is not None and tool is not None
+    # When the registry collects the module, both are found by name
+    registry_mod.collect(module)
+    assert get_agent("plain_agent") is module.plain_agent
+    assert registry_mod.get_tool("plain_tool") is module.plain_tool
 
 
 # --- research and http_get ----------------------------------------------------------------

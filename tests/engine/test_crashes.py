@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from app import db, lifecycle, outbox
-from app.agents.tools import call_key
+from app.engine.tools import call_key
+from app.store import db, lifecycle, outbox
 from tests.engine.servers import LocalServer, json_answer
 from tests.harness import wait_until
 

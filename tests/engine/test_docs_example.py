@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from app import settings as settings_mod
-from tasks import sweeps
+from app.engine import sweeps
 from tests.engine.servers import LocalServer, json_answer
 from tests.harness import wait_until
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import threading
 import time
 
-from app import db, lifecycle, outbox
 from app import settings as settings_mod
-from tasks import sweeps
+from app.engine import sweeps
+from app.store import db, lifecycle, outbox
 from tests.engine.servers import LocalServer, json_answer
 from tests.harness import wait_until
 

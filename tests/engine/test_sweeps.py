@@ -7,8 +7,8 @@ import threading
 
 import redis as redis_lib
 
-from app import db, ids, lifecycle
-from tasks import sweeps
+from app.engine import sweeps
+from app.store import db, ids, lifecycle
 
 
 def queued_steps(redis_url: str) -> int:

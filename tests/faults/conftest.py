@@ -21,9 +21,9 @@ import redis as redis_lib
 import requests
 import sqlalchemy as sa
 
-from app import db, tenants
-from app.embedded import EmbeddedPostgres, EmbeddedRedis
-from app.processes import ManagedProcess
+from app.dev.embedded import EmbeddedPostgres, EmbeddedRedis
+from app.dev.processes import ManagedProcess
+from app.store import db, tenants
 from tests.faults.ledger import Ledger, Request
 from tests.faults.watcher import TERMINAL, StatusWatcher
 from tests.harness import Stack, wait_until

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from app import db, db_errors
+from app.store import db, db_errors
 
 pytestmark = pytest.mark.faults
 
@@ -16,7 +16,7 @@ def test_connection_dropped_mid_transaction_is_reported_as_database_unavailable(
     settings, database_url
 ):
     # Given a transaction on the application's engine (with every listener installed)
-    import app.metrics  # noqa: F401  (its commit/rollback listeners are part of the path)
+    import app.ops.metrics  # noqa: F401  (its commit/rollback listeners are part of the path)
 
     killer = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
     try:

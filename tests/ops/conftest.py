@@ -19,9 +19,9 @@ import redis as redis_lib
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import db, tenants
 from app import settings as settings_mod
 from app.settings import Settings
+from app.store import db, tenants
 from tests.conftest import ROOT, TEST_ENV
 from tests.harness import Stack
 

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from app.client import (
+from outlast.client import (
     Client,
     IdempotencyKeyReused,
     NetworkError,
@@ -78,7 +78,7 @@ def test_unavailable_answer_is_retried_no_sooner_than_retry_after(ops_stack):
 
 
 def test_unreachable_server_raises_network_error_after_retries(ops_stack):
-    from app.embedded import free_port
+    from app.dev.embedded import free_port
 
     client = Client(f"http://127.0.0.1:{free_port()}", ops_stack.api_key, max_retries=1)
     with pytest.raises(NetworkError):

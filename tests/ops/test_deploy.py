@@ -136,13 +136,21 @@ def test_dockerfile_is_one_small_non_root_image_running_procfile_lines():
         for path in source.split():
             assert (ROOT / path).exists(), f"COPY of missing {path}"
     ignored = (DOCKER / "Dockerfile.dockerignore").read_text()
-    for path in ("app/", "workers/", "tasks/", "migrations/", "Procfile", "docker/entrypoint.sh"):
+    for path in (
+        "outlast/",
+        "app/",
+        "workers/",
+        "tasks/",
+        "migrations/",
+        "Procfile",
+        "docker/entrypoint.sh",
+    ):
         assert f"!{path}" in ignored, f"{path} would be left out of the build context"
 
 
 def test_package_the_image_installs_holds_code_migrations_and_the_cli(tmp_path):
     source = tmp_path / "src"
-    for name in ("app", "workers", "tasks", "migrations"):
+    for name in ("outlast", "app", "workers", "tasks", "migrations"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "setup.cfg", "README.md"):
         shutil.copy(ROOT / name, source / name)
@@ -163,13 +171,14 @@ def test_package_the_image_installs_holds_code_migrations_and_the_cli(tmp_path):
         "migrations/versions/0001_initial.py",
         "workers/make_celery.py",
         "tasks/steps.py",
-        "app/wsgi.py",
+        "workers/wsgi.py",
         "app/cli/caller.py",
-        "app/client.py",
+        "outlast/__init__.py",
+        "outlast/client.py",
     ):
         assert required in names, f"{required} missing from the wheel"
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
-    assert "outlast = app.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "outlast = app.launcher:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_app_json_matches_the_procfile_and_the_settings():
@@ -189,7 +198,7 @@ def test_app_json_matches_the_procfile_and_the_settings():
         assert f'"{name}"' in settings_source, f"{name} is not a setting Outlast reads"
     assert app_json["scripts"]["postdeploy"].startswith("outlast ")
     requirements = (ROOT / "requirements.txt").read_text().split()
-    assert "." in requirements  # the buildpack installs the package itself
+    assert ".[server]" in requirements  # the buildpack installs the package with the service
 
 
 def test_app_json_postdeploy_is_a_real_cli_command():

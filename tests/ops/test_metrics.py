@@ -6,11 +6,15 @@ proof (a worker subprocess's steps in the web subprocess's scrape) is in test_st
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import sqlalchemy as sa
 
-from app import db, lifecycle, metrics, outbox
 from app import settings as settings_mod
+from app.engine import sweeps
+from app.ops import metrics
+from app.store import db, lifecycle
 from tests.ops.conftest import sample
 
 
@@ -81,9 +85,15 @@ def test_queue_depth_and_outbox_backlog_are_measured_at_scrape(client, flask_app
     for _ in range(3):  # no worker consumes here: the messages wait in their queue
         celery_app.send_task("outlast.deliver_webhook", args=["dlv_x"], queue="webhooks")
     task_id = _create_task(tenant.tenant_id)
-    with db.engine().begin() as conn:  # outside db.transaction: left to the relay
-        outbox.add_step(conn, task_id, 0)
-        outbox.add_step(conn, task_id, 0)
+    with db.engine().begin() as conn:  # rows a process wrote and died before publishing
+        for _ in range(2):
+            conn.execute(
+                sa.text(
+                    "INSERT INTO outbox (task_name, queue, args, task_id) "
+                    "VALUES ('outlast.run_step', 'steps', CAST(:args AS jsonb), :id)"
+                ),
+                {"args": json.dumps([task_id, 0]), "id": task_id},
+            )
 
     text = _scrape(client)
 
@@ -133,15 +143,17 @@ def test_reaping_an_expired_lease_is_counted(client, tenant, settings):
             ),
             {"id": task_id},
         )
-    with db.transaction() as conn:
-        outcome, _ = lifecycle.reclaim_expired_lease(conn, task_id, settings.max_attempts)
+    # When the reaper sweeps it, the task is retried (attempt 2)...
+    assert sweeps.reap_expired_leases() == 1
+    with db.engine().connect() as conn:
+        assert lifecycle.get(conn, task_id)["attempt"] == 2
 
-    assert outcome == "retried"
+    # ...and the scrape counts it
     assert sample(_scrape(client), "outlast_leases_reaped_total", outcome="retried") == 1
 
 
 def test_scrape_still_answers_when_redis_is_unreachable(client, settings):
-    from app.embedded import free_port
+    from app.dev.embedded import free_port
 
     settings_mod.configure(settings.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
     metrics.step_finished("echo", "continued", 0.1)  # dropped with a log line, not raised

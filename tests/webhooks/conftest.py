@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app.processes import ManagedProcess
+from app.dev.processes import ManagedProcess
 from tests.conftest import ROOT, TEST_ENV
 from tests.harness import read_procfile, wait_until
 from tests.webhooks.receiver import Receiver, Responder

@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from standardwebhooks import Webhook
 
-from app import db, lifecycle
+from app.store import db, lifecycle
 from tests.webhooks.receiver import Received
 
 
@@ -68,7 +68,7 @@ def attempts(delivery_id: str) -> list[dict[str, Any]]:
 
 
 def stored_event(event_id: str) -> dict[str, Any]:
-    from app.representation import event_json
+    from app.store.representation import event_json
 
     with db.engine().connect() as conn:
         row = (

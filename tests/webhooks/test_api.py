@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from app import db, tenants
+from app.store import db, tenants
 from tests.harness import wait_until
 from tests.webhooks.helpers import body_json, deliveries, finish_task, verify_with_reference
 
@@ -112,7 +112,7 @@ def test_replay_resends_with_the_same_ids_and_fresh_valid_signatures(
     receiver = make_receiver()
     task_id = finish_task(tenant.tenant_id, receiver.url, "input_required")
     with db.transaction() as conn:  # then the task is cancelled: a second webhook event
-        from app import lifecycle
+        from app.store import lifecycle
 
         lifecycle.cancel(conn, task_id, tenant.tenant_id)
     wait_until(lambda: _all_delivered(task_id, 2), 20, what="two deliveries")
@@ -145,7 +145,7 @@ def test_replay_after_a_seq_sends_only_later_events(
     receiver = make_receiver()
     task_id = finish_task(tenant.tenant_id, receiver.url, "input_required")
     with db.transaction() as conn:
-        from app import lifecycle
+        from app.store import lifecycle
 
         lifecycle.cancel(conn, task_id, tenant.tenant_id)
     wait_until(lambda: _all_delivered(task_id, 2), 20, what="two deliveries")

@@ -127,7 +127,7 @@ def test_receiver_answering_410_gets_no_more_attempts(tenant, celery_worker, bea
 def test_receiver_down_for_the_whole_run_ends_failed_after_the_configured_attempts(
     tenant, celery_worker, beat
 ):
-    from app.embedded import free_port
+    from app.dev.embedded import free_port
 
     url = f"http://127.0.0.1:{free_port()}/nobody-listens"
     task_id = finish_task(tenant.tenant_id, url)

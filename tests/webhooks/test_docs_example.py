@@ -10,7 +10,7 @@ import time
 import requests
 from werkzeug.serving import make_server
 
-from app import signing
+from outlast import webhooks as signing
 from tests.conftest import ROOT
 from tests.harness import wait_until
 from tests.webhooks.helpers import deliveries, finish_task

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from app.webhooks import send_lease_seconds
+from app.webhooks.sender import send_lease_seconds
 from tests.harness import wait_until
 from tests.webhooks.helpers import attempts, deliveries, finish_task, verify_with_reference
 from tests.webhooks.receiver import Answer, fail_first_per_id

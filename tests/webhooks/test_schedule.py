@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from app.webhooks import parse_retry_after, retry_delay
+from app.webhooks.sender import parse_retry_after, retry_delay
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 8])

@@ -12,8 +12,9 @@ import pytest
 from standardwebhooks import Webhook
 from standardwebhooks import WebhookVerificationError as RefVerificationError
 
-from app import signing, tenants
-from app.signing import WebhookVerificationError, verify_webhook
+from app.store import tenants
+from outlast import webhooks as signing
+from outlast.webhooks import WebhookVerificationError, verify_webhook
 
 BODY = json.dumps({"id": "evt_1", "type": "task.completed", "data": {"n": 1}}).encode()
 

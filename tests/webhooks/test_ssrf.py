@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.urlguard import UnsafeUrl, check_url, guarded_session
+from app.webhooks.urlguard import UnsafeUrl, check_url, guarded_session
 from tests.harness import wait_until
 from tests.webhooks.helpers import attempts, deliveries, finish_task
 

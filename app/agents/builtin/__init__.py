@@ -1,10 +1,16 @@
-"""The built-in agents of spec/RUNTIME.md: echo, calls, approval, research, sleepy.
+"""The built-in agents of spec/RUNTIME.md (echo, calls, approval, research, sleepy) and
+the built-in tools they use (``http_get``, ``http_post``, ``llm``).
 
-Importing this package registers them (it is also the ``builtin`` entry point of the
-``outlast.agents`` group).
+The registry collects the agent and tool objects named here (this package is also the
+``builtin`` entry point of the ``outlast.agents`` group).
 """
 
-from app.agents import http, llm  # noqa: F401  (registers the built-in tools)
-from app.agents.builtin import approval, calls, echo, research, sleepy
+from app.agents.builtin.approval import approval
+from app.agents.builtin.calls import calls
+from app.agents.builtin.echo import echo
+from app.agents.builtin.research import research
+from app.agents.builtin.sleepy import sleepy
+from app.engine.http_tools import http_get, http_post
+from app.engine.llm import llm
 
-__all__ = ["approval", "calls", "echo", "research", "sleepy"]
+__all__ = ["approval", "calls", "echo", "research", "sleepy", "http_get", "http_post", "llm"]

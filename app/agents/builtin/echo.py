@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.agents.context import StepContext
-from app.agents.sdk import AgentError, Outcome, agent
+from app.engine.context import StepContext
+from outlast.sdk import AgentError, Outcome, agent
 
 INPUT_SCHEMA = {
     "type": "object",

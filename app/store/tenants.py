@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from app import ids
+from app.store import ids
 
 API_KEY_PREFIX = "olk_"
 

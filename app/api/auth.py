@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from flask import g, request
 
-from app import db, tenants
 from app.errors import Unauthorized
+from app.store import db, tenants
 
 
 def authenticate() -> str:

@@ -3,7 +3,7 @@ flask-smorest/apispec, the OpenAPI document at ``/openapi.json``.
 
 Request schemas (``*Request``, ``*Query``) validate what clients send; their errors
 become ``422`` problems with ``errors: {dotted.path: [messages]}``. Response schemas
-describe the JSON that :mod:`app.representation` builds; views serialize with that
+describe the JSON that :mod:`app.store.representation` builds; views serialize with that
 module and use these for the document only, so the two cannot drift apart silently:
 the schemathesis test checks every answer against the document.
 """
@@ -22,7 +22,7 @@ from marshmallow import (
     validates_schema,
 )
 
-from app.lifecycle import Status
+from app.store.lifecycle import Status
 
 MAX_METADATA_KEYS = 32
 MAX_TIMEOUT_SECONDS = 604800
@@ -90,7 +90,7 @@ class CreateTaskRequest(Schema):
 
     @validates("agent")
     def _agent_is_registered(self, value: str, **_: Any) -> None:
-        from app.agents.registry import get_agent
+        from app.engine.registry import get_agent
 
         if get_agent(value) is None:
             raise ValidationError(f"Unknown agent {value!r}.")
@@ -98,7 +98,7 @@ class CreateTaskRequest(Schema):
     @validates("webhook_url")
     def _webhook_url_is_safe(self, value: str | None, **_: Any) -> None:
         from app import settings as settings_mod
-        from app.urlguard import UnsafeUrl, check_url
+        from app.webhooks.urlguard import UnsafeUrl, check_url
 
         if value is None:
             return
@@ -109,7 +109,7 @@ class CreateTaskRequest(Schema):
 
     @validates_schema(skip_on_field_errors=True)
     def _input_matches_agent_schema(self, data: dict[str, Any], **_: Any) -> None:
-        from app.agents.registry import get_agent, validate_input
+        from app.engine.registry import get_agent, validate_input
 
         agent = get_agent(data["agent"])
         if agent is None:  # unregistered between the two checks
@@ -163,7 +163,7 @@ class ListEventsQuery(Schema):
     limit = fields.Integer(load_default=100, validate=validate.Range(min=1, max=1000))
 
 
-# --- responses (documentation of app.representation's JSON) ------------------------------
+# --- responses (documentation of app.store.representation's JSON) ------------------------------
 
 
 class ProgressSchema(Schema):

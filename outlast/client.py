@@ -1,6 +1,6 @@
 """The Python client for Outlast's HTTP API (spec/API.md).
 
-    from app.client import Client
+    from outlast.client import Client
 
     client = Client("https://outlast.example.com", api_key)
     task = client.submit("echo", {"message": "hi", "steps": 3})
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import codecs
 import json
-import random
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -33,8 +32,8 @@ from typing import Any
 
 import requests
 
-from app.signing import WebhookVerificationError
-from app.signing import verify_webhook as _verify_webhook
+from outlast.backoff import Backoff
+from outlast.webhooks import WebhookVerificationError, verify_webhook
 
 __all__ = [
     "Client",
@@ -71,6 +70,10 @@ SETTLED_STATUSES = TERMINAL_STATUSES | {"input_required"}
 LONG_POLL_MAX_SECONDS = 30
 BACKOFF_MIN_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 30.0
+# Retries of one request: 0.5 s, 1 s, 2 s … with jitter, at most 30 s.
+REQUEST_RETRY = Backoff(base=0.5, cap=BACKOFF_MAX_SECONDS, jitter=True)
+# Pauses between reads while waiting or following: 1 s, 2 s, 4 s … at most 30 s.
+POLL_BACKOFF = Backoff(base=BACKOFF_MIN_SECONDS, cap=BACKOFF_MAX_SECONDS)
 USER_AGENT = "outlast-python/0.1"
 
 
@@ -231,18 +234,6 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
         return None
 
 
-def verify_webhook(
-    secret: str | bytes, headers: Mapping[str, str], body: bytes | str, **options: Any
-) -> Any:
-    """Verify a webhook's signature and freshness and return the event it carries.
-
-    ``secret`` is your tenant's ``whsec_…`` secret, ``headers`` the request's headers,
-    ``body`` the raw body as received. Raises :class:`WebhookVerificationError`.
-    Deduplicate on ``headers["webhook-id"]``: a retried delivery keeps its id.
-    """
-    return _verify_webhook(secret, headers, body, **options)
-
-
 # --- the client ---------------------------------------------------------------------------------
 
 
@@ -391,7 +382,7 @@ class Client:
         :class:`WaitTimeout` after ``timeout`` seconds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay = BACKOFF_MIN_SECONDS
+        pauses = 0  # pauses since the last change: the backoff's retry number
         long_poll = True
         task: dict[str, Any] | None = None
         etag: str | None = None
@@ -415,8 +406,8 @@ class Client:
                 raise
             except (NetworkError, Unavailable, RateLimited, ServerError) as exc:
                 retry_after = exc.retry_after if isinstance(exc, APIError) else None
-                pause = max(delay, retry_after or 0.0)
-                delay = min(BACKOFF_MAX_SECONDS, delay * 2)
+                pauses += 1
+                pause = max(POLL_BACKOFF.delay(pauses), retry_after or 0.0)
             else:
                 new_etag = headers.get("ETag")
                 changed = fresh is not None and (new_etag is None or new_etag != etag)
@@ -426,11 +417,11 @@ class Client:
                 if task["status"] in SETTLED_STATUSES:
                     return task
                 if changed:
-                    delay = BACKOFF_MIN_SECONDS
+                    pauses = 0
                 early = wait_for is not None and time.monotonic() - started < wait_for / 2
                 if not first and (wait_for is None or (early and not changed)):
-                    pause = max(delay, _retry_after(headers) or 0.0)
-                    delay = min(BACKOFF_MAX_SECONDS, delay * 2)
+                    pauses += 1
+                    pause = max(POLL_BACKOFF.delay(pauses), _retry_after(headers) or 0.0)
             if pause:
                 if deadline is not None:
                     pause = min(pause, max(0.0, deadline - time.monotonic()))
@@ -451,12 +442,12 @@ class Client:
             yield from self._event_pages(task_id, after, page_size)
             return
         last_seq = after
-        delay = BACKOFF_MIN_SECONDS
+        failures = 0  # reconnects since the last event: the backoff's retry number
         while True:
             try:
                 for event in self._event_stream(task_id, last_seq):
                     last_seq = event["seq"]
-                    delay = BACKOFF_MIN_SECONDS
+                    failures = 0
                     yield event
                     if event["type"] in TERMINAL_EVENT_TYPES:
                         return
@@ -464,8 +455,10 @@ class Client:
                 yield from self._follow_by_polling(task_id, last_seq, page_size)
                 return
             except (NetworkError, Unavailable, ServerError, RateLimited) as exc:
-                time.sleep(max(delay, getattr(exc, "retry_after", None) or 0.0))
-                delay = min(BACKOFF_MAX_SECONDS, delay * 2)
+                failures += 1
+                time.sleep(
+                    max(POLL_BACKOFF.delay(failures), getattr(exc, "retry_after", None) or 0.0)
+                )
                 continue
             # The stream ended without the terminal event (a proxy cut it): resume after
             # the last seq seen, or read the rest as pages if the task finished meanwhile.
@@ -617,8 +610,8 @@ class Client:
 
     @staticmethod
     def _backoff(attempt: int, retry_after: float | None) -> None:
-        # 0.5 s, 1 s, 2 s … with jitter, at most 30 s; never sooner than Retry-After.
-        delay = min(BACKOFF_MAX_SECONDS, 0.5 * 2**attempt) * random.uniform(0.5, 1.0)
+        # Never sooner than Retry-After (at most a minute of it).
+        delay = REQUEST_RETRY.delay(attempt + 1)
         time.sleep(max(delay, min(retry_after or 0.0, 60.0)))
 
 

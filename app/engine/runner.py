@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,108 +31,28 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from sqlalchemy.engine import Connection, RowMapping
 
-from app import db, db_errors, ids, lifecycle, logs, outbox
 from app import settings as settings_mod
-from app.agents.context import StepContext, is_transient
-from app.agents.registry import get_agent
-from app.agents.sdk import Cancelled, Continue, Done, Fail, SleepUntil, WaitForInput
+from app.engine.context import StepContext, is_transient
+from app.engine.lease import LeaseKeeper
+from app.engine.registry import get_agent
+from app.ops import logs
+from app.store import db, db_errors, ids, lifecycle, outbox
+from outlast.backoff import Backoff
+from outlast.sdk import Cancelled, Continue, Done, Fail, SleepUntil, WaitForInput
 
 log = logging.getLogger(__name__)
 
 # Step-retry backoff: base * 2**retries seconds, at most this long.
 RETRY_BACKOFF_MAX_SECONDS = 600.0
-# How often a lost connection is retried when committing a finished step.
+# How often a lost connection is retried when committing a finished step, and how long
+# it waits between tries (1, 2, 4 s).
 COMMIT_ATTEMPTS = 4
-
-
-class LeaseKeeper:
-    """Keeps a step's lease alive from a background thread, renewing every lease/3.
-
-    It is also the step's cancellation signal: a renewal that matches no row (the task
-    was cancelled, failed or reaped) marks the lease lost, and a passed deadline fails
-    the task with ``timeout`` at once, fenced on the lease.
-    """
-
-    def __init__(
-        self, task_id: str, token: str, lease_seconds: float, deadline_at: datetime | None
-    ):
-        self.task_id = task_id
-        self.token = token
-        self.lease_seconds = lease_seconds
-        self.deadline_at = deadline_at
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{task_id}", daemon=True)
-
-    def __enter__(self) -> LeaseKeeper:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        interval = max(0.1, self.lease_seconds / 3)
-        while not self._stop.wait(interval):
-            try:
-                if self.deadline_passed():
-                    with db.transaction() as conn:  # publishes the webhook delivery at once
-                        fail_timeout(conn, self.task_id, token=self.token)
-                    self.lost.set()
-                    return
-                with db.engine().begin() as conn:
-                    if not lifecycle.renew_lease(
-                        conn, self.task_id, self.token, self.lease_seconds
-                    ):
-                        self.lost.set()
-                        return
-            except Exception as exc:  # the database may be back before the lease runs out
-                log.warning("lease renewal of %s failed: %s", self.task_id, exc)
-
-    def deadline_passed(self) -> bool:
-        return self.deadline_at is not None and datetime.now(UTC) >= self.deadline_at
-
-    def held(self) -> bool:
-        """Checks the database: is the task still ``working`` under this lease?"""
-        if self.lost.is_set():
-            return False
-        if self.deadline_passed():
-            return False
-        with db.engine().connect() as conn:
-            still = conn.execute(
-                sa.text(
-                    "SELECT 1 FROM tasks WHERE id = :id AND lease_token = :token "
-                    "AND status = 'working'"
-                ),
-                {"id": self.task_id, "token": self.token},
-            ).first()
-        if still is None:
-            self.lost.set()
-        return still is not None
-
-    def report_progress(self, progress: Mapping[str, Any]) -> bool:
-        with db.transaction() as conn:
-            row = lifecycle.report_progress(conn, self.task_id, self.token, progress)
-        if row is None:
-            self.lost.set()
-        return row is not None
-
-
-def fail_timeout(conn: Connection, task_id: str, token: str | None = None) -> RowMapping | None:
-    """Fail a task whose ``timeout_seconds`` passed (``timeout``)."""
-    return lifecycle.fail(
-        conn,
-        task_id,
-        lifecycle.ErrorType.TIMEOUT.value,
-        "the task did not finish within its timeout_seconds",
-        token=token,
-    )
+COMMIT_RETRY = Backoff(base=1.0, cap=4.0)
 
 
 def retry_delay(retries_done: int, base: float = 1.0) -> float:
     """Backoff before re-running a step that raised a transient error."""
-    return min(RETRY_BACKOFF_MAX_SECONDS, base * (2**retries_done))
+    return Backoff(base=base, cap=RETRY_BACKOFF_MAX_SECONDS).delay(retries_done + 1)
 
 
 def run_step(task_id: str, step: int) -> str:
@@ -158,7 +76,7 @@ def run_step(task_id: str, step: int) -> str:
     deadline_at = task["deadline_at"]
     if deadline_at is not None and started_at >= deadline_at:
         with db.transaction() as conn:
-            fail_timeout(conn, task_id, token=token)
+            lifecycle.fail_timeout(conn, task_id, token=token)
         return "failed"
     try:
         return _run_leased(task, step, token, state, started_at, cfg)
@@ -205,7 +123,7 @@ def _run_leased(
         except Cancelled as exc:
             if keeper.deadline_passed():
                 with db.transaction() as conn:
-                    fail_timeout(conn, task_id, token=token)
+                    lifecycle.fail_timeout(conn, task_id, token=token)
                 return "failed"
             if not keeper.lost.is_set() and keeper.held():
                 # The agent raised Cancelled itself while the task runs: a bug, not a cancel.
@@ -252,7 +170,7 @@ def _with_db_retries(work: Any) -> Any:
         except Exception as exc:
             if attempt == COMMIT_ATTEMPTS or not db_errors.is_database_unavailable(exc):
                 raise
-            time.sleep(0.5 * 2**attempt)
+            time.sleep(COMMIT_RETRY.delay(attempt))
     raise AssertionError("unreachable")
 
 

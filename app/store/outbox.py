@@ -1,10 +1,10 @@
 """The transactional outbox (DESIGN.md, mechanism 2).
 
 A Celery message that a database change makes necessary is written as an ``outbox``
-row in the same transaction. After the commit, :func:`publish` sends it and deletes the
-row; if the broker is down or the process dies first, the beat's relay
-(:func:`relay_due`) sends it later. A message may therefore be sent twice, never zero
-times: the step runner's fencing makes a duplicate harmless.
+row in the same transaction. After the commit (:func:`app.store.db.after_commit`), the
+batch is sent and its rows deleted; if the broker is down or the process dies first,
+the beat's relay (:func:`relay_due`) sends them later. A message may therefore be sent
+twice, never zero times: the step runner's fencing makes a duplicate harmless.
 """
 
 from __future__ import annotations
@@ -15,22 +15,18 @@ from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
+from celery import current_app as celery_app
 from sqlalchemy.engine import Connection
 
-from app import db
+from app.store import db, messages
 
 log = logging.getLogger(__name__)
-
-RUN_STEP = "outlast.run_step"
-STEPS_QUEUE = "steps"
-DELIVER_WEBHOOK = "outlast.deliver_webhook"
-WEBHOOKS_QUEUE = "webhooks"
 
 # The relay leaves rows younger than this to the fast path that wrote them.
 RELAY_GRACE_SECONDS = 2.0
 
-# Key in Connection.info under which app.db.transaction collects messages to publish.
-PENDING_KEY = "outlast_outbox_pending"
+# Key in the transaction's data under which this transaction's messages are collected.
+_BATCH_KEY = "outbox"
 
 
 class PendingMessage(NamedTuple):
@@ -49,11 +45,9 @@ def add(
     queue: str,
     task_id: str | None = None,
 ) -> int:
-    """Queue a Celery message to be published once this transaction commits.
-
-    Inside :func:`app.db.transaction` the message is published right after the commit;
-    elsewhere the relay publishes it within a few seconds.
-    """
+    """Queue a Celery message to be published once this transaction commits (``conn``
+    must come from :func:`app.store.db.transaction`)."""
+    tx = db.state(conn)
     args = list(args)
     outbox_id, agent = conn.execute(
         sa.text(
@@ -63,35 +57,46 @@ def add(
         ),
         {"name": task_name, "queue": queue, "args": json.dumps(args), "task_id": task_id},
     ).one()
-    pending = conn.info.get(PENDING_KEY)
-    if pending is not None:
-        pending.append(PendingMessage(outbox_id, task_name, queue, args, agent))
+    batch = tx.data.get(_BATCH_KEY)
+    if batch is None:
+        batch = tx.data[_BATCH_KEY] = []
+        db.after_commit(conn, publish, batch)
+    batch.append(PendingMessage(outbox_id, task_name, queue, args, agent))
     return outbox_id
 
 
 def add_step(conn: Connection, task_id: str, step: int) -> int:
     """Queue the message that runs step ``step`` of ``task_id``."""
-    return add(conn, RUN_STEP, [task_id, step], queue=STEPS_QUEUE, task_id=task_id)
-
-
-def _send(task_name: str, queue: str, args: list[Any], agent: str | None = None) -> None:
-    from workers.celery_app import celery, message_labels
-
-    # ignore_result: no result-backend subscription per message (it would leak in the web
-    # process, and with Redis down it retries for ~20 s before the publish even starts).
-    celery().send_task(
-        task_name, args=args, queue=queue, ignore_result=True, **message_labels(task_name, args, agent)
+    return add(
+        conn, messages.RUN_STEP, [task_id, step], queue=messages.STEPS_QUEUE, task_id=task_id
     )
 
 
-def publish(messages: Iterable[PendingMessage]) -> int:
+def add_delivery(conn: Connection, delivery_id: str) -> int:
+    """Queue the message that makes an attempt of webhook delivery ``delivery_id``."""
+    return add(conn, messages.DELIVER_WEBHOOK, [delivery_id], queue=messages.WEBHOOKS_QUEUE)
+
+
+def _send(task_name: str, queue: str, args: list[Any], agent: str | None = None) -> None:
+    # ignore_result: no result-backend subscription per message (it would leak in the web
+    # process, and with Redis down it retries for ~20 s before the publish even starts).
+    celery_app.send_task(
+        task_name,
+        args=args,
+        queue=queue,
+        ignore_result=True,
+        **messages.message_labels(task_name, args, agent),
+    )
+
+
+def publish(batch: Iterable[PendingMessage]) -> int:
     """Send committed outbox messages now and delete their rows; returns how many went.
 
     Failures are logged, never raised: the relay sends what is left. A message the relay
     also sends (it waits RELAY_GRACE_SECONDS first) is a harmless duplicate.
     """
     sent: list[int] = []
-    for message in messages:
+    for message in batch:
         try:
             _send(message.task_name, message.queue, message.args, message.agent)
         except Exception as exc:  # broker down: the relay retries
@@ -100,7 +105,7 @@ def publish(messages: Iterable[PendingMessage]) -> int:
         sent.append(message.outbox_id)
     if sent:
         try:
-            with db.engine().begin() as conn:
+            with db.transaction() as conn:
                 conn.execute(sa.text("DELETE FROM outbox WHERE id = ANY(:ids)"), {"ids": sent})
         except Exception as exc:  # the relay will send them again: duplicates are fenced
             log.warning("outbox rows sent but not deleted: %s", exc)
@@ -133,7 +138,19 @@ def relay_due(limit: int = 500) -> int:
     return len(sent)
 
 
-def backlog() -> int:
-    """Rows not yet published (a metric)."""
+class Backlog(NamedTuple):
+    messages: int  # rows not yet published
+    oldest_age_seconds: float  # age of the oldest one (0 when empty)
+
+
+def backlog() -> Backlog:
+    """How far the outbox is behind (a metric)."""
     with db.engine().connect() as conn:
-        return conn.execute(sa.text("SELECT count(*) FROM outbox")).scalar_one()
+        row = conn.execute(
+            sa.text(
+                "SELECT count(*) AS backlog, "
+                "COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0) AS oldest "
+                "FROM outbox"
+            )
+        ).one()
+    return Backlog(int(row.backlog), float(row.oldest))

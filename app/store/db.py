@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from app import settings as settings_mod
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
 _engine: Engine | None = None
 _engine_url: str | None = None
@@ -88,18 +92,48 @@ def dispose() -> None:
     _engine_url = None
 
 
+# Key in Connection.info of the state of the transaction that :func:`transaction` opened.
+_TX_KEY = "outlast_transaction"
+
+
+class TransactionState:
+    """What one :func:`transaction` carries besides SQL: callbacks to run after its
+    commit, and a place where subscribers keep per-transaction data (the outbox's batch)."""
+
+    def __init__(self) -> None:
+        self.after_commit: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        self.data: dict[str, Any] = {}
+
+
+def state(conn: Connection) -> TransactionState:
+    """The state of the :func:`transaction` that ``conn`` is in.
+
+    Raises ``RuntimeError`` for a connection that is not in one: code that needs work
+    after a commit (publishing the outbox, counting metrics) must run in
+    :func:`transaction`, so no commit path can silently skip it.
+    """
+    current = conn.info.get(_TX_KEY)
+    if current is None:
+        raise RuntimeError("this needs a connection from app.store.db.transaction()")
+    return current
+
+
+def after_commit(conn: Connection, callback: Callable[..., Any], *args: Any) -> None:
+    """Call ``callback(*args)`` once ``conn``'s transaction has committed; never if it
+    rolls back. A callback that raises is logged; the commit stands."""
+    state(conn).after_commit.append((callback, args))
+
+
 @contextmanager
 def transaction() -> Iterator[Connection]:
     """One database transaction: committed on success, rolled back on any exception.
 
-    Outbox messages added in it (``app.outbox.add``) are published right after the
-    commit; if that fails they stay in the outbox for the relay.
+    Every write goes through here. Its :func:`after_commit` callbacks (the outbox's
+    publish, the metrics' counts) run right after the commit, in order.
     """
-    from app import outbox
-
-    pending: list = []
+    tx = TransactionState()
     with engine().begin() as conn:
-        conn.info[outbox.PENDING_KEY] = pending
+        conn.info[_TX_KEY] = tx
         try:
             yield conn
         finally:
@@ -107,9 +141,12 @@ def transaction() -> Iterator[Connection]:
             # PendingRollbackError over the real (OperationalError) cause; the pool
             # clears a dropped connection's info when it reconnects.
             if not conn.invalidated:
-                conn.info.pop(outbox.PENDING_KEY, None)
-    if pending:
-        outbox.publish(pending)
+                conn.info.pop(_TX_KEY, None)
+    for callback, args in tx.after_commit:
+        try:
+            callback(*args)
+        except Exception:
+            log.exception("an after-commit callback failed: %r", callback)
 
 
 def alembic_config(database_url: str):

@@ -18,7 +18,7 @@ Helpers for the rest of the code:
 
 - :func:`step_finished` (the step runner), :func:`tool_call` (the tool-call log),
   :func:`webhook_attempt` (the webhook sender), :func:`lease_reaped` (the reaper);
-- :func:`note_task_event` is called by ``app.lifecycle.append_event`` for every event;
+- :func:`install` subscribes :func:`note_task_event` to ``app.store.lifecycle``'s events:
   it counts ``task.created`` (submitted) and terminal events (finished) once the
   transaction that wrote them commits, so a rolled-back transition is never counted.
 """
@@ -34,7 +34,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import sqlalchemy as sa
 from prometheus_client.core import (
     CollectorRegistry,
     CounterMetricFamily,
@@ -42,13 +41,12 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine
+
+from app.store import lifecycle, messages, outbox
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "outlast:metrics:"
-QUEUES = ("steps", "webhooks", "maintenance")
 # kombu's Redis transport keeps one list per priority level: "<queue>", "<queue>\x06\x163", …
 _KOMBU_PRIORITY_SEP = "\x06\x16"
 _KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
@@ -56,12 +54,6 @@ _KOMBU_UNACKED = "unacked"
 
 # Steps range from milliseconds (echo) to an hour (STEP_TIME_LIMIT).
 STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
-
-TERMINAL_EVENTS = {
-    "task.completed": "completed",
-    "task.failed": "failed",
-    "task.cancelled": "cancelled",
-}
 
 
 # --- definitions ------------------------------------------------------------------------
@@ -190,7 +182,7 @@ def observe(definition: _Def, label_values: Sequence[str], value: float) -> None
 def step_finished(agent: str, outcome: str, seconds: float) -> None:
     """One step execution ended after ``seconds``.
 
-    ``outcome`` is what :func:`app.engine.run_step` returned: ``continued`` (checkpoint
+    ``outcome`` is what :func:`app.engine.runner.run_step` returned: ``continued`` (checkpoint
     written, next step queued), ``completed``, ``input_required``, ``sleeping``,
     ``retrying`` (transient error), ``failed``, ``discarded`` (lease lost or cancelled).
     """
@@ -227,38 +219,18 @@ def task_finished(agent: str, status: str) -> None:
 
 # --- counting lifecycle events after their transaction commits ---------------------------
 
-_PENDING_KEY = "outlast_metrics_pending"
+
+def note_task_event(event_type: lifecycle.EventType, task: Mapping[str, Any]) -> None:
+    """Count submissions and terminal transitions (told of every committed event)."""
+    if event_type == lifecycle.EventType.CREATED:
+        task_submitted(task["agent"])
+    elif event_type in lifecycle.TERMINAL_EVENTS:
+        task_finished(task["agent"], lifecycle.TERMINAL_EVENTS[event_type].value)
 
 
-def note_after_commit(conn: Connection, record: Callable[..., None], *args: Any) -> None:
-    """Call ``record(*args)`` once ``conn``'s transaction commits; never if it rolls back."""
-    conn.info.setdefault(_PENDING_KEY, []).append((record, args))
-
-
-def note_task_event(conn: Connection, event_type: str, task: Mapping[str, Any]) -> None:
-    """Count submissions and terminal transitions (called for every event written)."""
-    if event_type == "task.created":
-        note_after_commit(conn, task_submitted, task["agent"])
-    elif event_type in TERMINAL_EVENTS:
-        note_after_commit(conn, task_finished, task["agent"], TERMINAL_EVENTS[event_type])
-
-
-@event.listens_for(Engine, "commit")
-def _flush_on_commit(conn: Connection) -> None:
-    # Fired as COMMIT is issued; a COMMIT that itself fails (rare) would be over-counted.
-    pending = conn.info.pop(_PENDING_KEY, None)
-    for record, args in pending or ():
-        record(*args)
-
-
-@event.listens_for(Engine, "rollback")
-def _discard_on_rollback(conn: Connection) -> None:
-    # On a connection the database dropped, conn.info would try to reconnect mid-rollback
-    # and raise PendingRollbackError in place of the OperationalError (hiding the outage
-    # from db_errors); the pool clears a dropped connection's info when it reconnects.
-    if conn.invalidated:
-        return
-    conn.info.pop(_PENDING_KEY, None)
+def install() -> None:
+    """Count the events of every transaction this process commits (idempotent)."""
+    lifecycle.subscribe(note_task_event)
 
 
 # --- the scrape ---------------------------------------------------------------------------
@@ -315,7 +287,7 @@ class OutlastCollector:
         pipe = client.pipeline(transaction=False)
         for definition in DEFINITIONS:
             pipe.hgetall(definition.key)
-        for queue in QUEUES:
+        for queue in messages.QUEUES:
             for priority in _KOMBU_PRIORITY_STEPS:
                 pipe.llen(f"{queue}{_KOMBU_PRIORITY_SEP}{priority}" if priority else queue)
         pipe.hlen(_KOMBU_UNACKED)
@@ -331,7 +303,7 @@ class OutlastCollector:
         )
         lengths = results[len(DEFINITIONS) :]
         per_queue = len(_KOMBU_PRIORITY_STEPS)
-        for i, queue in enumerate(QUEUES):
+        for i, queue in enumerate(messages.QUEUES):
             depth.add_metric([queue], sum(lengths[i * per_queue : (i + 1) * per_queue]))
         metrics.append(depth)
         metrics.append(
@@ -344,26 +316,17 @@ class OutlastCollector:
         return metrics
 
     def _from_database(self) -> Iterable[Metric]:
-        from app import db
-
-        with db.engine().connect() as conn:
-            row = conn.execute(
-                sa.text(
-                    "SELECT count(*) AS backlog, "
-                    "COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0) AS oldest "
-                    "FROM outbox"
-                )
-            ).one()
+        backlog = outbox.backlog()
         return [
             GaugeMetricFamily(
                 "outlast_outbox_backlog",
                 "Outbox messages written but not yet published to the broker.",
-                value=row.backlog,
+                value=backlog.messages,
             ),
             GaugeMetricFamily(
                 "outlast_outbox_oldest_age_seconds",
                 "Age of the oldest unpublished outbox message (0 when empty).",
-                value=float(row.oldest),
+                value=backlog.oldest_age_seconds,
             ),
         ]
 

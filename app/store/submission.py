@@ -1,8 +1,8 @@
 """Submitting a task: one transaction (DESIGN.md, mechanism 2) with Idempotency-Key.
 
 In a single transaction: claim the idempotency key (``INSERT … ON CONFLICT``, unique per
-tenant), insert the task and its ``task.created`` event (:func:`app.lifecycle.create`),
-and add the outbox row of step 0. :func:`app.db.transaction` publishes the step right
+tenant), insert the task and its ``task.created`` event (:func:`app.store.lifecycle.create`),
+and add the outbox row of step 0. :func:`app.store.db.transaction` publishes the step right
 after the commit; when the broker is down the row stays for the beat's relay, so the
 answer is still ``202``.
 
@@ -26,9 +26,9 @@ import sqlalchemy as sa
 import sqlalchemy.exc as sa_exc
 from sqlalchemy.engine import RowMapping
 
-from app import db, lifecycle, outbox
 from app import settings as settings_mod
 from app.errors import IdempotencyKeyInFlight, IdempotencyKeyReused, InvalidIdempotencyKey
+from app.store import db, lifecycle, outbox
 
 MAX_KEY_LENGTH = 255
 # How long a request waits for a concurrent one with the same key to commit.

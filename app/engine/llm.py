@@ -15,8 +15,7 @@ from typing import Any
 import requests
 
 from app import settings as settings_mod
-from app.agents.sdk import AgentError
-from app.agents.tools import ToolCall, TransientToolError, tool
+from outlast.sdk import AgentError, ToolCall, TransientToolError, tool
 
 TIMEOUT_SECONDS = 120.0
 OFFLINE_MODEL = "outlast-offline-1"

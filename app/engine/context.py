@@ -16,8 +16,11 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from app import db, metrics, tool_calls
-from app.agents.sdk import (
+from app.engine.tools import call_key, get_tool
+from app.ops import metrics
+from app.store import db, tool_calls
+from outlast.sdk import (
+    NOT_FOUND,
     AgentError,
     Cancelled,
     Continue,
@@ -25,9 +28,10 @@ from app.agents.sdk import (
     Fail,
     RetryableError,
     SleepUntil,
+    ToolCall,
+    TransientToolError,
     WaitForInput,
 )
-from app.agents.tools import NOT_FOUND, ToolCall, TransientToolError, call_key, get_tool
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +41,7 @@ WAIT_SLICE_SECONDS = 0.5
 
 
 class Lease(Protocol):
-    """The step's lease as the context needs it (kept by :mod:`app.engine`)."""
+    """The step's lease as the context needs it (kept by :mod:`app.engine.runner`)."""
 
     token: str
 
@@ -170,7 +174,7 @@ class StepContext:
         self._calls += 1
         key = call_key(self.task_id, self.step, index)
         self.check_cancelled()
-        with db.engine().begin() as conn:
+        with db.transaction() as conn:
             row = tool_calls.get(conn, self.task_id, self.step, index)
         if row is not None and row["name"] != name:
             # The step function is not deterministic: replaying would hand call `index`
@@ -186,12 +190,12 @@ class StepContext:
         if row is not None and spec.reconcile is not None:
             found = spec.reconcile(key)
             if found is not NOT_FOUND:
-                with db.engine().begin() as conn:
+                with db.transaction() as conn:
                     tool_calls.complete(conn, self.task_id, self.step, index, found)
                 metrics.tool_call(name, "reconciled")
                 return found
         logged_args = spec.summarize(args) if spec.summarize else args
-        with db.engine().begin() as conn:
+        with db.transaction() as conn:
             started = tool_calls.begin(
                 conn,
                 task_id=self.task_id,
@@ -222,7 +226,7 @@ class StepContext:
         except Cancelled:
             raise
         except BaseException as exc:
-            with db.engine().begin() as conn:
+            with db.transaction() as conn:
                 tool_calls.fail(
                     conn,
                     self.task_id,
@@ -234,7 +238,7 @@ class StepContext:
             if is_transient(exc) and not isinstance(exc, RetryableError):
                 raise TransientToolError(f"{name}: {exc}") from exc
             raise
-        with db.engine().begin() as conn:
+        with db.transaction() as conn:
             tool_calls.complete(conn, self.task_id, self.step, index, output)
         metrics.tool_call(name, "completed")
         return output

@@ -4,7 +4,7 @@ Both send the call's key as ``Idempotency-Key``. URLs an agent calls come from t
 task's own input, and the runtime contract puts no address limit on them (the `calls`
 agent is commonly pointed at a service on the same host), so by default any http(s)
 URL is called; ``OUTLAST_TOOLS_DENY_PRIVATE=1`` applies the SSRF guard of
-:mod:`app.urlguard` to every URL and every redirect target.
+:mod:`app.webhooks.urlguard` to every URL and every redirect target.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from urllib.parse import urljoin
 import requests
 
 from app import settings as settings_mod
-from app import urlguard
-from app.agents.sdk import AgentError
-from app.agents.tools import ToolCall, TransientToolError, tool
+from app.webhooks import urlguard
+from outlast.backoff import Backoff
+from outlast.sdk import AgentError, ToolCall, TransientToolError, tool
 
 USER_AGENT = "Outlast/0.1 (+https://github.com/outlast)"
 GET_TIMEOUT_SECONDS = 10.0
@@ -31,6 +31,7 @@ TEXT_MAX_CHARS = 20_000  # what the log keeps of a page's text
 POST_TIMEOUT_SECONDS = 10.0
 POST_ATTEMPTS = 4  # in-step tries of a POST on 5xx / connection errors, same key
 POST_BACKOFF_SECONDS = 0.25  # doubles per try
+POST_RETRY = Backoff(base=POST_BACKOFF_SECONDS, cap=30.0)
 BODY_MAX_CHARS = 4000
 
 TEXT_TYPES = (
@@ -227,7 +228,7 @@ def http_post(
                 return {"status": response.status_code, "body": _body(response)}
             problem = f"HTTP {response.status_code}"
         if attempt < attempts:
-            time.sleep(POST_BACKOFF_SECONDS * 2 ** (attempt - 1))
+            time.sleep(POST_RETRY.delay(attempt))
     raise TransientToolError(f"POST {url} failed {attempts} times: {problem}")
 
 

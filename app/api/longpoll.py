@@ -1,7 +1,7 @@
 """Waiting for a task to change without holding a database connection.
 
 Every task-changing transaction sends ``NOTIFY outlast_task, '<task id>'`` (in
-:func:`app.lifecycle.append_event`), delivered at commit. Each web process keeps ONE
+:func:`app.store.lifecycle.append_event`), delivered at commit. Each web process keeps ONE
 dedicated ``LISTEN`` connection, read by a daemon thread that wakes the requests waiting
 on that task id (:class:`TaskNotifications`). A waiting request (``?wait=N`` long poll,
 SSE stream) therefore holds a gunicorn thread but no pooled connection: it reads the
@@ -23,8 +23,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from app import db
-from app.lifecycle import NOTIFY_CHANNEL
+from app.store import db
+from app.store.lifecycle import NOTIFY_CHANNEL
 
 log = logging.getLogger(__name__)
 

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
-from app import ids, metrics, outbox
-from app.representation import TASK_COLUMNS, task_json
+from app.store import db, deliveries, ids, outbox
+from app.store.representation import TASK_COLUMNS, task_json
 
 NOTIFY_CHANNEL = "outlast_task"
 
@@ -41,11 +41,33 @@ class Status(enum.StrEnum):
 
 TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
 ACTIVE = frozenset({Status.PENDING, Status.WORKING, Status.INPUT_REQUIRED})
-RUNNABLE = frozenset({Status.PENDING, Status.WORKING})
+
+
+class EventType(enum.StrEnum):
+    """Every event type a task's log may hold (API.md, "Events")."""
+
+    CREATED = "task.created"
+    STARTED = "task.started"
+    STEP_COMPLETED = "task.step.completed"
+    PROGRESS = "task.progress"
+    INPUT_REQUIRED = "task.input_required"
+    RESUMED = "task.resumed"
+    RETRYING = "task.retrying"
+    COMPLETED = "task.completed"
+    FAILED = "task.failed"
+    CANCELLED = "task.cancelled"
+
+
+# The terminal event of each terminal status: the last event a task ever gets.
+TERMINAL_EVENTS = {
+    EventType.COMPLETED: Status.COMPLETED,
+    EventType.FAILED: Status.FAILED,
+    EventType.CANCELLED: Status.CANCELLED,
+}
 
 # Events that are also POSTed to the task's webhook_url.
 WEBHOOK_EVENT_TYPES = frozenset(
-    {"task.input_required", "task.completed", "task.failed", "task.cancelled"}
+    {EventType.INPUT_REQUIRED, EventType.COMPLETED, EventType.FAILED, EventType.CANCELLED}
 )
 
 
@@ -56,15 +78,29 @@ class ErrorType(enum.StrEnum):
     INVALID_OUTPUT = "invalid_output"
 
 
-def _j(value: Any) -> str | None:
-    return None if value is None else json.dumps(value)
+# Called with (event type, task row) after the transaction that wrote the event commits.
+EventListener = Callable[[EventType, Mapping[str, Any]], None]
+_listeners: list[EventListener] = []
+
+
+def subscribe(listener: EventListener) -> None:
+    """Have ``listener`` told of every event once its transaction commits (metrics)."""
+    if listener not in _listeners:
+        _listeners.append(listener)
+
+
+def _announce(event_type: EventType, task: Mapping[str, Any]) -> None:
+    for listener in _listeners:
+        listener(event_type, task)
 
 
 def _statuses(statuses: frozenset[Status] | set[Status]) -> list[str]:
     return sorted(s.value for s in statuses)
 
 
-def append_event(conn: Connection, task: Mapping[str, Any], event_type: str) -> dict[str, Any]:
+def append_event(
+    conn: Connection, task: Mapping[str, Any], event_type: EventType
+) -> dict[str, Any]:
     """Write the event whose seq the task row already carries (``last_seq``).
 
     Creates a webhook delivery in the same transaction when the event is one that
@@ -97,26 +133,10 @@ def append_event(conn: Connection, task: Mapping[str, Any], event_type: str) -> 
     )
     event = {k: v for k, v in row.items() if k != "notified"}
     if event_type in WEBHOOK_EVENT_TYPES and task.get("webhook_url"):
-        delivery_id = ids.new_id("dlv")
-        conn.execute(
-            sa.text(
-                "INSERT INTO webhook_deliveries (id, tenant_id, task_id, event_id, event_seq, "
-                "event_type, url, next_attempt_at) "
-                "VALUES (:id, :tenant_id, :task_id, :event_id, :seq, :type, :url, now())"
-            ),
-            {
-                "id": delivery_id,
-                "tenant_id": task["tenant_id"],
-                "task_id": task["id"],
-                "event_id": event_id,
-                "seq": task["last_seq"],
-                "type": event_type,
-                "url": task["webhook_url"],
-            },
-        )
+        delivery = deliveries.insert(conn, task, event_id, task["last_seq"], event_type)
         # Sent right after the commit; the beat's webhook sweep covers a lost message.
-        outbox.add(conn, outbox.DELIVER_WEBHOOK, [delivery_id], queue=outbox.WEBHOOKS_QUEUE)
-    metrics.note_task_event(conn, event_type, task)  # counted once the transaction commits
+        outbox.add_delivery(conn, delivery["id"])
+    db.after_commit(conn, _announce, event_type, task)
     return event
 
 
@@ -181,7 +201,7 @@ def create(
         .mappings()
         .one()
     )
-    append_event(conn, row, "task.created")
+    append_event(conn, row, EventType.CREATED)
     return row
 
 
@@ -214,7 +234,7 @@ def acquire_lease(
         .one_or_none()
     )
     if row is not None and row["just_started"]:
-        append_event(conn, row, "task.started")
+        append_event(conn, row, EventType.STARTED)
     return row
 
 
@@ -243,7 +263,7 @@ def report_progress(
         params={"progress": json.dumps(progress), "token": token},
     )
     if row is not None:
-        append_event(conn, row, "task.progress")
+        append_event(conn, row, EventType.PROGRESS)
     return row
 
 
@@ -290,7 +310,7 @@ def commit_step(
             "started_at": started_at,
         },
     )
-    append_event(conn, row, "task.step.completed")
+    append_event(conn, row, EventType.STEP_COMPLETED)
     return row
 
 
@@ -305,7 +325,7 @@ def complete(conn: Connection, task_id: str, result: Any) -> RowMapping | None:
         params={"result": json.dumps(result)},
     )
     if row is not None:
-        append_event(conn, row, "task.completed")
+        append_event(conn, row, EventType.COMPLETED)
     return row
 
 
@@ -319,18 +339,51 @@ def fail(
     allowed: frozenset[Status] = ACTIVE,
 ) -> RowMapping | None:
     """Any active state → ``failed``; fenced on the lease when ``token`` is given."""
+    return _fail(
+        conn,
+        task_id,
+        error_type,
+        message,
+        allowed=allowed,
+        where_sql="AND lease_token = :token" if token else "",
+        params={"token": token},
+    )
+
+
+def _fail(
+    conn: Connection,
+    task_id: str,
+    error_type: str,
+    message: str,
+    *,
+    allowed: frozenset[Status] | set[Status],
+    where_sql: str,
+    params: Mapping[str, Any],
+) -> RowMapping | None:
+    """``failed`` with ``{"type", "message"}``: the one way a task fails."""
     row = _update(
         conn,
         task_id,
         "status = 'failed', error = CAST(:error AS jsonb), finished_at = now(), "
         "lease_token = NULL, lease_expires_at = NULL, wake_at = NULL, input_request = NULL",
         allowed=allowed,
-        where_sql="AND lease_token = :token" if token else "",
-        params={"error": json.dumps({"type": error_type, "message": message}), "token": token},
+        where_sql=where_sql,
+        params={**params, "error": json.dumps({"type": error_type, "message": message})},
     )
     if row is not None:
-        append_event(conn, row, "task.failed")
+        append_event(conn, row, EventType.FAILED)
     return row
+
+
+def fail_timeout(conn: Connection, task_id: str, token: str | None = None) -> RowMapping | None:
+    """Fail a task whose ``timeout_seconds`` passed (``timeout``)."""
+    return fail(
+        conn,
+        task_id,
+        ErrorType.TIMEOUT.value,
+        "the task did not finish within its timeout_seconds",
+        token=token,
+    )
 
 
 def request_input(
@@ -346,7 +399,7 @@ def request_input(
         params={"req": json.dumps(input_request)},
     )
     if row is not None:
-        append_event(conn, row, "task.input_required")
+        append_event(conn, row, EventType.INPUT_REQUIRED)
     return row
 
 
@@ -365,7 +418,7 @@ def resume_with_input(
         params={"tenant_id": tenant_id, "human_input": json.dumps(human_input)},
     )
     if row is not None:
-        append_event(conn, row, "task.resumed")
+        append_event(conn, row, EventType.RESUMED)
     return row
 
 
@@ -382,7 +435,7 @@ def cancel(conn: Connection, task_id: str, tenant_id: str) -> RowMapping | None:
         params={"tenant_id": tenant_id},
     )
     if row is not None:
-        append_event(conn, row, "task.cancelled")
+        append_event(conn, row, EventType.CANCELLED)
     return row
 
 
@@ -401,7 +454,7 @@ def retry_step_later(
         params={"step": step, "token": token, "delay": delay_seconds},
     )
     if row is not None:
-        append_event(conn, row, "task.retrying")
+        append_event(conn, row, EventType.RETRYING)
     return row
 
 
@@ -442,29 +495,18 @@ def reclaim_expired_lease(
         params={"max_attempts": max_attempts},
     )
     if row is not None:
-        append_event(conn, row, "task.retrying")
-        metrics.note_after_commit(conn, metrics.lease_reaped, "retried")
+        append_event(conn, row, EventType.RETRYING)
         return "retried", row
-    row = _update(
+    row = _fail(
         conn,
         task_id,
-        "status = 'failed', error = CAST(:error AS jsonb), finished_at = now(), "
-        "lease_token = NULL, lease_expires_at = NULL, wake_at = NULL",
+        ErrorType.WORKER_LOST,
+        f"the worker running this task was lost during attempt {max_attempts} of {max_attempts}",
         allowed={Status.WORKING},
         where_sql=lease_expired,
-        params={
-            "error": json.dumps(
-                {
-                    "type": ErrorType.WORKER_LOST.value,
-                    "message": f"the worker running this task was lost during attempt "
-                    f"{max_attempts} of {max_attempts}",
-                }
-            )
-        },
+        params={},
     )
     if row is not None:
-        append_event(conn, row, "task.failed")
-        metrics.note_after_commit(conn, metrics.lease_reaped, "failed")
         return "failed", row
     return None
 

@@ -18,8 +18,7 @@ import logging
 import re
 import sys
 import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -59,16 +58,6 @@ def clear() -> None:
 def current_context() -> dict[str, Any]:
     """The fields bound now (a copy)."""
     return dict(_context.get())
-
-
-@contextmanager
-def context(**fields: Any) -> Iterator[None]:
-    """Bind ``fields`` for the duration of a ``with`` block, then restore the previous ones."""
-    token = _context.set({**_context.get(), **{k: v for k, v in fields.items() if v is not None}})
-    try:
-        yield
-    finally:
-        _context.reset(token)
 
 
 class ContextFilter(logging.Filter):
@@ -180,7 +169,7 @@ except ImportError:  # pragma: no cover - gunicorn is a dependency; web only
 
 
 class GunicornLogger(_GunicornBase):  # type: ignore[misc,valid-type]
-    """``gunicorn --logger-class app.logs.GunicornLogger``: gunicorn's error and access
+    """``gunicorn --logger-class app.ops.logs.GunicornLogger``: gunicorn's error and access
     logs in Outlast's format; each access line is one object with the request's fields."""
 
     def setup(self, cfg: Any) -> None:

@@ -1,7 +1,7 @@
 """Webhook deliveries (DESIGN.md, mechanism 6): an outbox of signed POSTs.
 
 A ``webhook_deliveries`` row is written with the event it carries
-(:func:`app.lifecycle.append_event`, or :func:`replay`), and a ``deliver_webhook``
+(:func:`app.store.lifecycle.append_event`, or :func:`replay`), and a ``deliver_webhook``
 message is queued through the outbox. One attempt (:func:`attempt_delivery`) is:
 
 1. **claim** the row if it is due: ``SELECT … FOR UPDATE SKIP LOCKED``, then push
@@ -33,11 +33,15 @@ import requests
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from app import db, ids, metrics, outbox, signing, tenants, urlguard
 from app import settings as settings_mod
-from app.lifecycle import WEBHOOK_EVENT_TYPES
-from app.representation import event_json, rfc3339
+from app.ops import metrics
 from app.settings import Settings
+from app.store import db, outbox
+from app.store.representation import event_json
+from app.webhooks import urlguard
+from app.webhooks.secrets import active_secrets
+from outlast import webhooks as signing
+from outlast.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +50,6 @@ RETRY_CAP_SECONDS = 3600.0
 # A receiver's Retry-After is honoured up to this (a garbage value must not park a
 # delivery for years).
 RETRY_AFTER_CAP_SECONDS = 86400.0
-# A rotated-out secret keeps signing alongside the new one for this long.
-ROTATION_GRACE_SECONDS = 24 * 3600
 # last_error and attempt errors are kept short.
 ERROR_MAX_CHARS = 500
 USER_AGENT = "Outlast-Webhooks/1"
@@ -67,11 +69,7 @@ class DeliveryStatus:
 def retry_delay(retry_number: int, base_seconds: float, rng: random.Random | None = None) -> float:
     """Seconds before the ``retry_number``-th retry (1 after the first failed attempt):
     uniformly random between half and all of ``base × 2^(n-1)``, capped at one hour."""
-    if retry_number < 1:
-        raise ValueError("retries are numbered from 1")
-    # min() before the power would overflow for large n.
-    ceiling = min(base_seconds * 2.0 ** min(retry_number - 1, 64), RETRY_CAP_SECONDS)
-    return (rng or random).uniform(ceiling / 2, ceiling)
+    return Backoff(base=base_seconds, cap=RETRY_CAP_SECONDS, jitter=True).delay(retry_number, rng)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -100,49 +98,6 @@ def requeue_after_seconds(settings: Settings) -> float:
     """How long a queued deliver message may go unconsumed before the sweep assumes it
     lost (a flushed broker) and queues another; a duplicate is harmless."""
     return max(10 * settings.webhook_sweep_seconds, 2 * settings.webhook_timeout_seconds)
-
-
-# --- secrets -------------------------------------------------------------------------------
-
-
-def active_secrets(conn: Connection, tenant_id: str) -> list[str]:
-    """The tenant's signing secrets, current first, then rotated-out ones still valid."""
-    return list(
-        conn.execute(
-            sa.text(
-                "SELECT secret FROM webhook_secrets WHERE tenant_id = :t "
-                "AND (expires_at IS NULL OR expires_at > now()) "
-                "ORDER BY expires_at IS NOT NULL, created_at DESC, id DESC"
-            ),
-            {"t": tenant_id},
-        ).scalars()
-    )
-
-
-def rotate_secret(conn: Connection, tenant_id: str) -> str:
-    """Make a new current secret; the previous one keeps signing for 24 hours."""
-    # Serialise rotations of one tenant so that exactly one secret is current.
-    conn.execute(sa.text("SELECT id FROM tenants WHERE id = :t FOR UPDATE"), {"t": tenant_id})
-    conn.execute(
-        sa.text(
-            "DELETE FROM webhook_secrets WHERE tenant_id = :t "
-            "AND expires_at IS NOT NULL AND expires_at <= now()"
-        ),
-        {"t": tenant_id},
-    )
-    conn.execute(
-        sa.text(
-            "UPDATE webhook_secrets SET expires_at = now() + make_interval(secs => :grace) "
-            "WHERE tenant_id = :t AND expires_at IS NULL"
-        ),
-        {"t": tenant_id, "grace": ROTATION_GRACE_SECONDS},
-    )
-    secret = tenants.new_webhook_secret()
-    conn.execute(
-        sa.text("INSERT INTO webhook_secrets (tenant_id, secret) VALUES (:t, :s)"),
-        {"t": tenant_id, "s": secret},
-    )
-    return secret
 
 
 # --- one HTTP attempt ----------------------------------------------------------------------
@@ -451,82 +406,5 @@ def dispatch_due(settings: Settings | None = None, limit: int = 500) -> int:
             ).scalars()
         )
         for delivery_id in due:
-            outbox.add(conn, outbox.DELIVER_WEBHOOK, [delivery_id], queue=outbox.WEBHOOKS_QUEUE)
+            outbox.add_delivery(conn, delivery_id)
     return len(due)
-
-
-# --- the API's side: list and replay ---------------------------------------------------------
-
-DELIVERY_COLUMNS = (
-    "id, task_id, event_id, event_seq, event_type, url, status::text AS status, attempts, "
-    "last_status_code, last_error, next_attempt_at, delivered_at, created_at"
-)
-
-
-def delivery_json(row: Mapping[str, Any]) -> dict[str, Any]:
-    """The delivery object of API.md."""
-    return {
-        "id": row["id"],
-        "event_id": row["event_id"],
-        "event_type": row["event_type"],
-        "url": row["url"],
-        "status": row["status"],
-        "attempts": row["attempts"],
-        "last_status_code": row["last_status_code"],
-        "last_error": row["last_error"],
-        "next_attempt_at": rfc3339(row["next_attempt_at"]),
-        "delivered_at": rfc3339(row["delivered_at"]),
-    }
-
-
-def list_for_task(conn: Connection, task_id: str, tenant_id: str) -> list[dict[str, Any]]:
-    """Every delivery of a task, oldest first (replays included)."""
-    rows = conn.execute(
-        sa.text(
-            f"SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries "
-            "WHERE task_id = :task_id AND tenant_id = :tenant_id ORDER BY created_at, event_seq, id"
-        ),
-        {"task_id": task_id, "tenant_id": tenant_id},
-    ).mappings()
-    return [delivery_json(r) for r in rows]
-
-
-def replay(conn: Connection, task: Mapping[str, Any], after: int = 0) -> list[dict[str, Any]]:
-    """Queue a fresh delivery of each of the task's webhook events with ``seq > after``
-    (same event, so the same ``webhook-id``; each attempt signs anew). Returns the
-    deliveries created; none when the task has no ``webhook_url``."""
-    if not task.get("webhook_url"):
-        return []
-    events = conn.execute(
-        sa.text(
-            "SELECT id, seq, type FROM events WHERE task_id = :task_id AND seq > :after "
-            "AND type = ANY(:types) ORDER BY seq"
-        ),
-        {"task_id": task["id"], "after": after, "types": sorted(WEBHOOK_EVENT_TYPES)},
-    ).mappings()
-    created = []
-    for event in list(events):
-        row = (
-            conn.execute(
-                sa.text(
-                    "INSERT INTO webhook_deliveries (id, tenant_id, task_id, event_id, "
-                    "event_seq, event_type, url, next_attempt_at) "
-                    "VALUES (:id, :tenant_id, :task_id, :event_id, :seq, :type, :url, now()) "
-                    f"RETURNING {DELIVERY_COLUMNS}"
-                ),
-                {
-                    "id": ids.new_id("dlv"),
-                    "tenant_id": task["tenant_id"],
-                    "task_id": task["id"],
-                    "event_id": event["id"],
-                    "seq": event["seq"],
-                    "type": event["type"],
-                    "url": task["webhook_url"],
-                },
-            )
-            .mappings()
-            .one()
-        )
-        outbox.add(conn, outbox.DELIVER_WEBHOOK, [row["id"]], queue=outbox.WEBHOOKS_QUEUE)
-        created.append(delivery_json(row))
-    return created

@@ -1,0 +1,1 @@
+"""Observability: metrics shared through Redis, and log lines with the task on each."""

@@ -1,0 +1,1 @@
+"""The durable store: PostgreSQL, its transactions, and the one writer of task status."""

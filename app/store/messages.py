@@ -1,0 +1,48 @@
+"""The Celery tasks and queues, by name: the one place that names them.
+
+The outbox writes messages under these names, ``tasks/`` declares its Celery tasks
+with them, and ``workers/`` routes and schedules them. Agent steps, webhook sends and
+maintenance sweeps each get their own queue, so a slow receiver or a long sweep never
+starves agents.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+STEPS_QUEUE = "steps"
+WEBHOOKS_QUEUE = "webhooks"
+MAINTENANCE_QUEUE = "maintenance"
+QUEUES = (STEPS_QUEUE, WEBHOOKS_QUEUE, MAINTENANCE_QUEUE)
+
+RUN_STEP = "outlast.run_step"
+# A step's soft time limit fails it; the hard limit kills the pool child (the lease then
+# expires and the reaper resumes the task).
+STEP_SOFT_TIME_LIMIT = 3900
+STEP_TIME_LIMIT = 4000
+DELIVER_WEBHOOK = "outlast.deliver_webhook"
+
+# The beat's sweeps (routed to the maintenance queue).
+SWEEP_REAP = "outlast.sweep.reap"
+SWEEP_RELAY_OUTBOX = "outlast.sweep.relay_outbox"
+SWEEP_WAKE_TIMERS = "outlast.sweep.wake_timers"
+SWEEP_EXPIRE_DEADLINES = "outlast.sweep.expire_deadlines"
+SWEEP_REDISPATCH_LOST = "outlast.sweep.redispatch_lost"
+SWEEP_WEBHOOKS = "outlast.sweep.webhooks"
+SWEEP_EXPIRE_KEYS = "outlast.sweep.expire_keys"
+SWEEP_PURGE = "outlast.sweep.purge"
+
+ROUTES = {
+    RUN_STEP: {"queue": STEPS_QUEUE},
+    DELIVER_WEBHOOK: {"queue": WEBHOOKS_QUEUE},
+    "outlast.sweep.*": {"queue": MAINTENANCE_QUEUE},
+}
+
+
+def message_labels(task_name: str, args: list[Any], agent: str | None) -> dict[str, str]:
+    """Publish options that make a step readable in Flower: the name says which agent
+    (``outlast.run_step[echo]``, bounded, so Flower's per-name counts stay useful) and the
+    args which task and step. The worker still runs ``outlast.run_step``."""
+    if task_name == RUN_STEP and agent and len(args) >= 2:
+        return {"shadow": f"{task_name}[{agent}]", "argsrepr": f"task {args[0]} step {args[1]}"}
+    return {}

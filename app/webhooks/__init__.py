@@ -1,0 +1,1 @@
+"""Webhooks: signed deliveries of task events, their retries, and the SSRF guard."""
