@@ -92,7 +92,9 @@ class Settings:
     llm_model: str | None = None
     flower_basic_auth: str | None = None
     log_level: str = "INFO"
-    log_format: str = "json"  # "json" (one object per line) or "text"
+    # "json" (one object per line), "console" (short lines for a person; "text" is its old
+    # name) or "auto": console when stdout is a terminal, else json.
+    log_format: str = "auto"
     # Process sizing (not in RUNTIME.md's table; Heroku's WEB_CONCURRENCY convention).
     bind_host: str = "0.0.0.0"
     web_concurrency: int = 2
@@ -107,9 +109,10 @@ class Settings:
         redis_url = env.get("REDIS_URL", "").strip() or None
         if redis_url and urlsplit(redis_url).scheme not in ("redis", "rediss", "unix"):
             raise SettingsError("REDIS_URL must be a redis://, rediss:// or unix:// URL")
-        log_format = env.get("OUTLAST_LOG_FORMAT", "json").strip().lower() or "json"
-        if log_format not in ("json", "text"):
-            raise SettingsError("OUTLAST_LOG_FORMAT must be json or text")
+        log_format = env.get("OUTLAST_LOG_FORMAT", "auto").strip().lower() or "auto"
+        log_format = "console" if log_format == "text" else log_format
+        if log_format not in ("auto", "json", "console"):
+            raise SettingsError("OUTLAST_LOG_FORMAT must be auto, json or console")
         return cls(
             database_url=database_url_for_sqlalchemy(db) if db else None,
             redis_url=redis_url,

@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -15,7 +18,9 @@ from pathlib import Path
 import click
 
 from app import settings
-from app.dev.processes import ManagedProcess, stop_all
+from app.dev.processes import ManagedProcess, Warden
+from app.dev.stacklock import StackLock, StackRunning, port_problem
+from app.ops import logs
 from app.store import db, tenants
 
 CELERY_TARGET = "workers.make_celery"
@@ -154,79 +159,360 @@ def _dev_api_key(var_dir: Path) -> str:
     return saved["api_key"]
 
 
+def _dev_flower_auth(var_dir: Path, configured: str | None) -> str:
+    """Flower's ``user:password`` under ``outlast up``: OUTLAST_FLOWER_BASIC_AUTH, else
+    one made on first use and remembered in var/."""
+    if configured:
+        return configured
+    auth_file = var_dir / "flower-basic-auth"
+    if auth_file.exists():
+        return auth_file.read_text().strip()
+    auth = f"dev:{secrets.token_urlsafe(12)}"
+    auth_file.write_text(auth)
+    auth_file.chmod(0o600)
+    return auth
+
+
+# How long the stack gets to stop (gunicorn's graceful timeout and the worker's soft
+# shutdown are 20 s) before what is left is killed.
+GRACE_SECONDS = 25.0
+READY_TIMEOUT = 120.0
+# Celery warns on every start when the worker runs as root. Only under `outlast up`, a
+# developer's local stack (a dev container or sandbox often runs as root), and the
+# worker accepts JSON only (Celery itself refuses pickle as root): the Procfile's worker
+# keeps the warning, where it matters. C_FORCE_ROOT would not silence it (it only allows
+# pickle as root, which is worse).
+_ROOT_WARNING_FILTER = "ignore:You're running the worker with superuser privileges"
+
+
+class _Stop(Exception):
+    """A signal asked ``outlast up`` to stop."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _Output:
+    """``outlast up``'s own lines. A write never fails: when the reader is gone (``| tee``
+    ended first on Ctrl-C, the terminal was closed), the stream becomes /dev/null and the
+    shutdown goes on."""
+
+    def __init__(self, log_format: str):
+        self.formatter = logs.ConsoleFormatter("up") if log_format == "console" else None
+        if self.formatter is None:
+            from pythonjsonlogger.json import JsonFormatter
+
+            self.formatter = JsonFormatter(
+                "%(levelname)s %(name)s %(message)s",
+                rename_fields={"levelname": "level", "name": "logger"},
+                timestamp="time",
+                static_fields={"process": "up"},
+            )
+
+    def say(self, text: str = "") -> None:
+        """A line for people on stdout (the banner)."""
+        self._write(sys.stdout, text + "\n")
+
+    def log(self, message: str, level: int = logging.INFO) -> None:
+        """A log line on stderr, in the stack's format."""
+        record = logging.LogRecord("outlast.up", level, __file__, 0, message, None, None)
+        self._write(sys.stderr, self.formatter.format(record) + "\n")
+
+    def refuse(self, message: str) -> None:
+        """A plain sentence on stderr: why nothing was started."""
+        self._write(sys.stderr, message + "\n")
+
+    @staticmethod
+    def _write(stream, text: str) -> None:
+        try:
+            stream.write(text)
+            stream.flush()
+        except (OSError, ValueError):
+            _silence(stream)
+
+
+def _silence(stream) -> None:
+    """Point ``stream``'s descriptor at /dev/null (what is buffered flushes there too)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _outlast_command() -> str:
+    """How to type ``outlast`` here: plain when it is on PATH, else its path."""
+    path = _bin("outlast")
+    if shutil.which("outlast") == path:
+        return "outlast"
+    try:
+        return os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
+    except ValueError:
+        return path
+
+
+def _banner(
+    out: _Output,
+    url: str,
+    api_key: str,
+    var: Path,
+    flower_url: str | None,
+    flower_auth: str | None,
+) -> None:
+    outlast = _outlast_command()
+    body = json.dumps({"agent": "echo", "input": {"message": "hello"}})
+    out.say()
+    out.say(f"Outlast is running (data in {var}). Ctrl-C stops everything.")
+    out.say()
+    out.say(f"OUTLAST_URL={url}")
+    out.say(f"OUTLAST_API_KEY={api_key}")
+    out.say()
+    out.say(f"  API docs  {url}/docs")
+    if flower_url and flower_auth:
+        user, _, password = flower_auth.split(",")[0].partition(":")
+        out.say(f"  Flower    {flower_url}  (user {user}, password {password})")
+    else:
+        out.say("  Flower    not started: `outlast up --flower` adds it")
+    out.say()
+    out.say("A first task, from another terminal:")
+    out.say()
+    out.say(f"  export OUTLAST_URL={url} OUTLAST_API_KEY={api_key}")
+    out.say(f'  {outlast} submit echo --input \'{{"message": "hello"}}\' --wait')
+    out.say()
+    out.say(
+        f"  curl -s -X POST {url}/v1/tasks -H 'Authorization: Bearer {api_key}' "
+        f"-H 'Content-Type: application/json' -d '{body}'"
+    )
+    out.say()
+
+
+def _ready(url: str) -> bool:
+    import requests
+
+    try:
+        # Generous: requests that time out while the app loads are still answered, and logged.
+        return requests.get(url + "/readyz", timeout=10).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _worker_answers(redis_url: str) -> bool:
+    """Some Celery worker on this broker answers a ping."""
+    from celery import Celery
+
+    probe = Celery("outlast-up", broker=redis_url)
+    try:
+        return bool(probe.control.ping(timeout=1.0))
+    except Exception:  # the broker is not there yet: not ready
+        return False
+    finally:
+        probe.close()
+
+
+def _listens(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _first_exited(children: list[ManagedProcess]) -> ManagedProcess | None:
+    return next((c for c in children if not c.alive()), None)
+
+
+def _wait_for(children: list[ManagedProcess], ready, what: str) -> str | None:
+    """Poll ``ready`` until it holds (``None``), a child exits or READY_TIMEOUT passes
+    (``what`` it was waiting for)."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not ready():
+        if _first_exited(children) or time.monotonic() > deadline:
+            return what
+        time.sleep(0.2)
+    return None
+
+
 @click.command("up")
 @click.option(
     "--var-dir",
     default="var",
     show_default=True,
     type=click.Path(file_okay=False),
-    help="Where the embedded servers keep their data.",
+    help="Where the embedded servers keep their data (one stack per folder).",
 )
 @click.option("--port", type=int, default=None, help="API port (default: $PORT or 8000).")
-def up(var_dir: str, port: int | None) -> None:
+@click.option("--flower", "with_flower", is_flag=True, help="Also run Flower, behind basic auth.")
+@click.option("--flower-port", type=int, default=None, help="Flower's port (default: port + 1).")
+def up(var_dir: str, port: int | None, with_flower: bool, flower_port: int | None) -> None:
     """Run release, web, worker and beat in the foreground (Ctrl-C stops all).
 
     With no DATABASE_URL / REDIS_URL, starts an embedded PostgreSQL and Redis under
-    VAR_DIR first, and stops them on the way out.
+    VAR_DIR first. However it ends (Ctrl-C, SIGTERM, a closed terminal, even kill -9),
+    every process it started is stopped. Exits 1 when it stopped because a process
+    failed, or when another `outlast up` runs in VAR_DIR.
     """
-    from app.dev.embedded import EmbeddedPostgres, EmbeddedRedis
-
-    var = Path(var_dir).resolve()
-    var.mkdir(parents=True, exist_ok=True)
     cfg = settings.current()
     env = dict(os.environ)
     env.setdefault("OUTLAST_WEBHOOK_ALLOW_PRIVATE", "1")
     env.setdefault("OUTLAST_BIND_HOST", "127.0.0.1")
     env["PORT"] = str(port or cfg.port)
-    embedded: list = []
+    log_format = logs.resolve_format(cfg.log_format)
+    env["OUTLAST_LOG_FORMAT"] = log_format  # every process decides as this one did
+    env["PYTHONWARNINGS"] = ",".join(
+        filter(None, [env.get("PYTHONWARNINGS"), _ROOT_WARNING_FILTER])
+    )
+    child_cfg = settings.Settings.from_env(env)
+    url = f"http://127.0.0.1:{child_cfg.port}"
+    out = _Output(log_format)
+
+    var = Path(var_dir).resolve()
+    var.mkdir(parents=True, exist_ok=True)
+    lock = StackLock(var)
+    try:
+        lock.acquire()
+    except StackRunning as running:
+        out.refuse(running.message())
+        sys.exit(1)
+    flower_port = flower_port or child_cfg.port + 1
+    problem = port_problem(child_cfg.bind_host, child_cfg.port)
+    if problem is None and with_flower:
+        problem = port_problem(child_cfg.bind_host, flower_port, "Flower's port")
+    if problem:
+        out.refuse(problem)
+        sys.exit(1)
+    lock.record(os.getpid(), url)
+    if lock.previous:
+        out.log(f"took over the lock of an outlast up that is gone (pid {lock.previous['pid']})")
+    sys.exit(_run_stack(out, env, var, url, lock, with_flower, flower_port))
+
+
+def _run_stack(
+    out: _Output,
+    env: dict[str, str],
+    var: Path,
+    url: str,
+    lock: StackLock,
+    with_flower: bool,
+    flower_port: int,
+) -> int:
+    """Start everything, watch it, stop it; the exit status."""
+    from app.dev.embedded import EmbeddedPostgres, EmbeddedRedis
+
+    cfg = settings.current()
+    warden = Warden(GRACE_SECONDS, keep_fds=[lock.fileno()])
     children: list[ManagedProcess] = []
-    stopping = False
+    embedded: list = []
+    deferred: list[int] = []
+    critical = False  # inside pg_ctl's start: a signal waits until it is over
 
     def on_signal(signum, _frame):
-        nonlocal stopping
-        stopping = True
+        if critical:
+            deferred.append(signum)
+            return
+        raise _Stop(signum)
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    status = 0
     try:
         if not cfg.database_url:
-            click.echo(f"starting embedded PostgreSQL in {var / 'postgres'} ...", err=True)
+            out.log(f"starting embedded PostgreSQL in {var / 'postgres'}")
             pg = EmbeddedPostgres(var / "postgres")
+            warden.watch_postgres(pg.data_dir)
             embedded.append(pg)
-            env["DATABASE_URL"] = pg.start()
+            critical = True
+            try:
+                env["DATABASE_URL"] = pg.start()
+            finally:
+                critical = False
+            if deferred:
+                raise _Stop(deferred[0])
         if not cfg.redis_url:
-            click.echo("starting embedded Redis ...", err=True)
-            redis = EmbeddedRedis(var / "redis")
+            out.log("starting embedded Redis")
+            redis = EmbeddedRedis(var / "redis", on_fork=warden.registrar("service"))
             embedded.append(redis)
             env["REDIS_URL"] = redis.start()
         settings.configure(settings.Settings.from_env(env))
-        click.echo("running migrations ...", err=True)
+        out.log("running migrations")
         db.upgrade()
         api_key = _dev_api_key(var)
         db.dispose()
-        click.echo(f"OUTLAST_URL=http://127.0.0.1:{env['PORT']}")
-        click.echo(f"OUTLAST_API_KEY={api_key}")
-        sys.stdout.flush()
         me = [sys.executable, "-m", "app.cli"]
+
+        def start(name: str, child_env: dict[str, str]) -> None:
+            child = ManagedProcess(name, [*me, name], env=child_env, on_fork=warden.registrar())
+            children.append(child.start())
+
         for name in ("web", "worker", "beat"):
-            children.append(ManagedProcess(name, [*me, name], env=env).start())
-        while not stopping:
-            for child in children:
-                if not child.alive():
-                    click.echo(
-                        f"{child.name} exited with {child.process.returncode}; stopping the stack",
-                        err=True,
-                    )
-                    stopping = True
-            time.sleep(0.2)
+            start(name, env)
+        # Ready means a first task runs at once: the API answers and a worker listens.
+        waiting = _wait_for(children, lambda: _ready(url), "the API to answer /readyz")
+        waiting = waiting or _wait_for(
+            children, lambda: _worker_answers(env["REDIS_URL"]), "a worker to answer a ping"
+        )
+        flower_url = flower_auth = None
+        if not waiting and with_flower:
+            # After the worker: Flower's first look at the workers then finds one.
+            flower_auth = _dev_flower_auth(var, cfg.flower_basic_auth)
+            flower_url = f"http://127.0.0.1:{flower_port}"
+            start(
+                "flower",
+                {**env, "PORT": str(flower_port), "OUTLAST_FLOWER_BASIC_AUTH": flower_auth},
+            )
+            waiting = _wait_for(children, lambda: _listens(flower_port), "Flower to listen")
+        failed = _first_exited(children)
+        if waiting and failed is None:
+            out.log(f"gave up after {READY_TIMEOUT:.0f} s waiting for {waiting}", logging.ERROR)
+            status = 1
+        elif failed is None:
+            _banner(out, url, api_key, var, flower_url, flower_auth)
+            while failed is None:
+                time.sleep(0.2)
+                failed = _first_exited(children)
+        if failed is not None:
+            out.log(
+                f"{failed.name} exited with status {failed.process.returncode}; stopping the stack",
+                logging.ERROR,
+            )
+            status = 1
+    except _Stop as stop:
+        out.log(f"{stop} received; stopping")
+    except Exception as exc:  # a start-up step failed: say which, then stop what started
+        out.log(f"outlast up could not start: {exc!r}", logging.ERROR)
+        status = 1
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        click.echo("stopping ...", err=True)
-        stop_all(children)
-        for server in reversed(embedded):
-            server.stop()
-        click.echo("stopped", err=True)
+        _stop_stack(out, warden, children, embedded)
+    return status
+
+
+def _stop_stack(
+    out: _Output, warden: Warden, children: list[ManagedProcess], embedded: list
+) -> None:
+    """The warden stops everything (the same path as when this process dies); a second
+    Ctrl-C kills the apps at once."""
+
+    def hurry(signum, _frame):
+        if signum == signal.SIGINT:  # Ctrl-C again: do not wait for them
+            for child in children:
+                child.signal_group(signal.SIGKILL)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, hurry)
+    started = time.monotonic()
+    if not warden.stop_everything(timeout=GRACE_SECONDS + 30):
+        out.log("the warden did not finish stopping the stack", logging.ERROR)
+    for child in children:  # reap them (they are our children)
+        try:
+            child.process.wait(5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    for server in reversed(embedded):  # already stopped: this reaps Redis, checks PostgreSQL
+        server.stop()
+    out.log(f"stopped in {time.monotonic() - started:.1f} s")
 
 
 COMMANDS = (up, web, worker, beat, flower)

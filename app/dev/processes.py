@@ -2,6 +2,8 @@
 
 Used by ``outlast up`` (web, worker and beat in the foreground) and by the test suite's
 process harness (the Procfile's lines as real subprocesses, killed on purpose).
+:class:`Warden` starts ``app/dev/warden.py``, which stops ``outlast up``'s processes if
+``outlast up`` dies without doing it itself.
 """
 
 from __future__ import annotations
@@ -9,8 +11,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -26,8 +29,12 @@ class ManagedProcess:
         env: Mapping[str, str] | None = None,
         cwd: str | Path | None = None,
         log_path: str | Path | None = None,
+        on_fork: Callable[[], None] | None = None,
     ):
+        """``on_fork`` runs in the child between ``fork`` and ``exec`` (in its new
+        session): :meth:`Warden.registrar` registers the child there."""
         self.name = name
+        self.on_fork = on_fork
         self.argv = argv
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
@@ -50,6 +57,7 @@ class ManagedProcess:
             stderr=subprocess.STDOUT if out is not None else None,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=self.on_fork,
         )
         return self
 
@@ -136,3 +144,64 @@ def stop_all(processes: Sequence[ManagedProcess], timeout: float = 25.0) -> None
             proc.signal_group(signal.SIGTERM)
     for proc in processes:
         proc.stop(timeout=timeout)
+
+
+class Warden:
+    """The warden of ``outlast up``'s processes (see ``app/dev/warden.py``).
+
+    Started before anything else, in its own session; ``registrar(kind)`` gives the
+    ``on_fork`` hook that registers a child from inside it, so a child exists only
+    registered. :meth:`stop_everything` has it stop them all, in order; when ``outlast up`` dies
+    instead (even by ``kill -9``), the end of the pipe does the same.
+    """
+
+    SCRIPT = Path(__file__).with_name("warden.py")
+
+    def __init__(self, grace: float, keep_fds: Sequence[int] = ()):
+        read_end, self._write_end = os.pipe()
+        self.process = subprocess.Popen(
+            [sys.executable, "-I", str(self.SCRIPT), str(grace)],
+            stdin=read_end,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+            pass_fds=tuple(keep_fds),
+        )
+        os.close(read_end)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _send(self, line: str) -> None:
+        try:
+            os.write(self._write_end, line.encode() + b"\n")
+        except OSError:  # the warden is gone; nothing more it could do
+            pass
+
+    def registrar(self, kind: str = "app") -> Callable[[], None]:
+        """An ``on_fork`` hook: the child writes ``<kind> <its pgid>`` to the warden
+        (one write of a few bytes on a pipe is atomic)."""
+        fd = self._write_end
+
+        def register() -> None:
+            os.write(fd, f"{kind} {os.getpgid(0)}\n".encode())
+
+        return register
+
+    def watch_postgres(self, data_dir: str | Path) -> None:
+        """Stop the postmaster of ``data_dir`` too (said before it is started)."""
+        self._send(f"postgres {data_dir}")
+
+    def stop_everything(self, timeout: float) -> bool:
+        """Ask the warden to stop every registered process, in order, and wait until it
+        has (the same path it takes when ``outlast up`` dies). ``False`` on a timeout."""
+        self._send("stop")
+        try:
+            os.close(self._write_end)
+        except OSError:
+            pass
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True

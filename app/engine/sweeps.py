@@ -59,7 +59,13 @@ def reap_expired_leases(limit: int = BATCH) -> int:
                 outbox.add_step(conn, task_id, reclaimed[1]["step"])
             if reclaimed is not None:
                 db.after_commit(conn, metrics.lease_reaped, reclaimed[0])
-                log.warning("reaped the expired lease of %s: %s", task_id, reclaimed[0])
+                # The sweep's one INFO line counts them (tasks/sweeps.py); this is the detail.
+                log.debug(
+                    "reaped the expired lease of %s: %s",
+                    task_id,
+                    reclaimed[0],
+                    extra={"task_id": task_id},
+                )
     return len(task_ids)
 
 
@@ -168,8 +174,6 @@ def redispatch_lost_messages(limit: int = BATCH) -> int:
                 sa.text("UPDATE tasks SET dispatched_at = now() WHERE id = :id"), {"id": task_id}
             )
             outbox.add_step(conn, task_id, step)
-        if rows:
-            log.warning("re-sent %d step messages that seemed lost", len(rows))
     return len(rows)
 
 

@@ -1,4 +1,8 @@
-"""Logging: one JSON object per line (or plain text for a terminal), with context.
+"""Logging: one JSON object per line, or one short line for a person at a terminal.
+
+``OUTLAST_LOG_FORMAT`` picks: ``json`` for log drains, ``console`` for people
+(``15:04:05 worker INFO  tsk_… message``), ``auto`` (the default) console when stdout is a
+terminal, else json. Both name the process (``web``, ``worker``, ``beat``, ``flower``).
 
 Every line carries the fields bound in the current context (a ``contextvars`` dict, so
 each thread and each request or Celery task has its own):
@@ -15,8 +19,10 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import re
 import sys
+import time
 import uuid
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -70,22 +76,110 @@ class ContextFilter(logging.Filter):
         return True
 
 
+def process_name(argv: list[str] | None = None) -> str:
+    """What this process is in the stack, from its command line: ``web`` (gunicorn),
+    ``worker``, ``beat``, ``flower`` (celery), ``up`` (``outlast up``), else the program."""
+    argv = sys.argv if argv is None else argv
+    program = os.path.basename(argv[0]) if argv else "python"
+    if program.startswith("gunicorn"):
+        return "web"
+    if program.startswith("celery"):
+        return next((w for w in argv[1:] if w in ("worker", "beat", "flower")), "celery")
+    if program in ("outlast", "__main__.py") and len(argv) > 1:
+        return argv[1]  # outlast up, python -m app.cli web
+    return program
+
+
+def resolve_format(log_format: str) -> str:
+    """``json`` or ``console``: ``auto`` is console when stdout is a terminal."""
+    if log_format == "auto":
+        try:
+            return "console" if sys.stdout.isatty() else "json"
+        except (AttributeError, ValueError):  # no stdout, or a closed one
+            return "json"
+    return log_format
+
+
 def _formatter(settings: Settings) -> logging.Formatter:
-    if settings.log_format == "json":
+    process = process_name()
+    if resolve_format(settings.log_format) == "json":
         from pythonjsonlogger.json import JsonFormatter
 
         # "time": ISO 8601 in UTC, the form log pipelines parse without configuration.
-        return JsonFormatter(_FIELDS, rename_fields=_RENAME, timestamp="time")
-    return _TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return JsonFormatter(
+            _FIELDS, rename_fields=_RENAME, timestamp="time", static_fields={"process": process}
+        )
+    return ConsoleFormatter(process)
 
 
-class _TextFormatter(logging.Formatter):
-    """Plain lines for a terminal, with the bound fields appended as key=value."""
+class ConsoleFormatter(logging.Formatter):
+    """One short line per event: local time, process, level, the task's id when the line
+    belongs to a task, the message (``15:04:05 worker INFO  tsk_… message``)."""
+
+    def __init__(self, process: str):
+        super().__init__()
+        self.process = process
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        extra = " ".join(f"{k}={v}" for k, v in _context.get().items())
-        return f"{line} [{extra}]" if extra else line
+        clock = time.strftime("%H:%M:%S", time.localtime(record.created))
+        message = record.getMessage()
+        duration = getattr(record, "duration_ms", None)
+        if record.name == "gunicorn.access" and duration is not None:
+            message = f"{message} {duration:.0f}ms"
+        task_id = getattr(record, "task_id", None)
+        if task_id:
+            message = f"{task_id} {message}"
+        line = f"{clock} {self.process:<6} {record.levelname:<5} {message}"
+        if record.exc_info:
+            line = f"{line}\n{self.formatException(record.exc_info)}"
+        elif record.stack_info:
+            line = f"{line}\n{self.formatStack(record.stack_info)}"
+        return line
+
+
+# --- levels: Celery's per-message lines about sweeps are DEBUG ------------------------------
+
+SWEEP_PREFIX = "outlast.sweep."
+# Celery logs each message it schedules (beat), receives and finishes (worker) at INFO:
+# for the sweeps, a dozen lines every few seconds that say nothing happened.
+CELERY_MESSAGE_LOGGERS = ("celery.beat", "celery.worker.strategy", "celery.app.trace")
+# outlast.run_step's argsrepr (app.store.messages): "task <task id> step <n>".
+_STEP_ARGSREPR = re.compile(r"^task (\S+) step (\d+)$")
+
+
+def _celery_task_name(record: logging.LogRecord) -> str | None:
+    """The Celery task a per-message line is about: beat's ``Sending due task %s (%s)``
+    names it second; the worker's received/succeeded lines carry it in ``data``."""
+    data = getattr(record, "data", None)
+    if isinstance(data, Mapping):
+        return data.get("name")
+    if record.name == "celery.beat" and isinstance(record.args, tuple) and len(record.args) == 2:
+        return str(record.args[1])
+    return None
+
+
+class CeleryMessageLines(logging.Filter):
+    """On Celery's per-message loggers: a sweep's lines become DEBUG (dropped unless the
+    level is DEBUG), and a step's "received" line carries the task id like its others."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = _celery_task_name(record)
+        if not name:
+            return True
+        if name.startswith(SWEEP_PREFIX) and record.levelno == logging.INFO:
+            if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+                return False
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return True
+        data = getattr(record, "data", None)
+        if isinstance(data, Mapping) and not hasattr(record, "task_id"):
+            found = _STEP_ARGSREPR.match(str(data.get("args") or ""))
+            if found:
+                record.task_id, record.step = found.group(1), int(found.group(2))
+        return True
+
+
+_CELERY_MESSAGE_LINES = CeleryMessageLines()
 
 
 def configure(settings: Settings) -> None:
@@ -100,6 +194,8 @@ def configure(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
+    for name in CELERY_MESSAGE_LOGGERS:
+        logging.getLogger(name).addFilter(_CELERY_MESSAGE_LINES)
     # Warnings (a deprecation, Celery's "running as root") become log lines too.
     logging.captureWarnings(True)
     _connect_celery_signals()
