@@ -196,10 +196,25 @@ def test_flower_refuses_to_start_without_basic_auth(stack):
 # --- outlast up -----------------------------------------------------------------------------
 
 
+@pytest.fixture
+def outside_pytest_tmp():
+    """A folder for embedded servers not under pytest's tmp dir: as root, pgserver runs
+    PostgreSQL as a user of its own that must traverse every parent, and any pytest
+    session starting meanwhile resets /tmp/pytest-of-root to 0700."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="outlast-foundation-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.smoke
 @pytest.mark.slow
-def test_outlast_up_on_embedded_servers_serves_then_stops_everything(tmp_path):
+def test_outlast_up_on_embedded_servers_serves_then_stops_everything(outside_pytest_tmp):
     from app.dev.embedded import free_port
+
+    tmp_path = outside_pytest_tmp
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}

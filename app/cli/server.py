@@ -261,14 +261,13 @@ def _banner(
     flower_url: str | None,
     flower_auth: str | None,
 ) -> None:
+    """What a newcomer needs once the stack is ready, to copy and paste."""
     outlast = _outlast_command()
     body = json.dumps({"agent": "echo", "input": {"message": "hello"}})
     out.say()
-    out.say(f"Outlast is running (data in {var}). Ctrl-C stops everything.")
+    out.say(f"Outlast is ready (data in {_shown(var)}). Ctrl-C stops everything.")
     out.say()
-    out.say(f"OUTLAST_URL={url}")
-    out.say(f"OUTLAST_API_KEY={api_key}")
-    out.say()
+    out.say(f"  API       {url}")
     out.say(f"  API docs  {url}/docs")
     if flower_url and flower_auth:
         user, _, password = flower_auth.split(",")[0].partition(":")
@@ -286,6 +285,14 @@ def _banner(
         f"-H 'Content-Type: application/json' -d '{body}'"
     )
     out.say()
+
+
+def _shown(path: Path) -> str:
+    """``./var`` inside the current directory, else the whole path."""
+    try:
+        return "./" + str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _ready(url: str) -> bool:
@@ -441,6 +448,10 @@ def _run_stack(
         db.upgrade()
         api_key = _dev_api_key(var)
         db.dispose()
+        # API.md's two lines, as soon as they are known (scripts read them); the rest of
+        # what to do comes once everything is ready.
+        out.say(f"OUTLAST_URL={url}")
+        out.say(f"OUTLAST_API_KEY={api_key}")
         me = [sys.executable, "-m", "app.cli"]
 
         def start(name: str, child_env: dict[str, str]) -> None:

@@ -255,9 +255,9 @@ def start_in_terminal(tmp: Path, **extra: str) -> Up:
 def wait_running(up: Up, timeout: float = 120.0) -> None:
     def banner() -> bool:
         assert up.process.poll() is None, f"outlast up exited:\n{up.stderr()[-3000:]}"
-        return "OUTLAST_API_KEY=" in up.stdout()
+        return "A first task, from another terminal:" in up.stdout()
 
-    wait_until(banner, timeout, interval=0.2, what="outlast up's banner")
+    wait_until(banner, timeout, interval=0.2, what="outlast up's ready banner")
 
 
 def readyz(url: str) -> int:
@@ -370,14 +370,55 @@ def test_a_process_that_fails_stops_the_stack_with_a_non_zero_status(
     assert not survivors(stack_processes(up.pid, tmp_path / "var"))
 
 
+def test_ctrl_c_on_up_piped_into_tee_stops_everything_though_tee_dies_first(
+    tmp_path, database_url, servers
+):
+    # Given `outlast up |& tee log` in a terminal (its own process group), on servers of
+    # our own (quicker than embedded ones)
+    port = free_port()
+    env = _up_env(port, DATABASE_URL=database_url, REDIS_URL=servers.redis_url)
+    script = (
+        f"({OUTLAST} up --var-dir {tmp_path / 'var'} 2>&1; echo $? > {tmp_path / 'status'})"
+        f" | tee {tmp_path / 'log'} > /dev/null"
+    )
+    (tmp_path / "log").touch()
+    shell = subprocess.Popen(["bash", "-c", script], env=env, start_new_session=True)
+    try:
+        wait_until(
+            lambda: "A first task" in (tmp_path / "log").read_text(),
+            90,
+            interval=0.2,
+            what="the banner through tee",
+        )
+        command = f"{OUTLAST} up --var-dir {tmp_path / 'var'}"
+        (up_pid,) = [
+            p for p in _live_pids() if command in _cmdline(p) and "bash" not in _cmdline(p)
+        ]
+        processes = stack_processes(up_pid, tmp_path / "var")
+        assert {"gunicorn", "celery", "warden.py"} <= _kinds(processes)
+
+        # When Ctrl-C reaches the whole pipeline (tee dies at once: up's output is gone)
+        os.killpg(shell.pid, signal.SIGINT)
+
+        # Then outlast up still stops everything, and exits 0 (it was asked to stop)
+        wait_until(lambda: not survivors(processes), GRACE_SECONDS, what="no survivors")
+        wait_until(lambda: (tmp_path / "status").exists(), 10, what="outlast up's status")
+        assert (tmp_path / "status").read_text().strip() == "0"
+    finally:
+        if shell.poll() is None:
+            os.killpg(shell.pid, signal.SIGTERM)
+        shell.wait(30)
+
+
 # --- a running stack -------------------------------------------------------------------------
 
 
 def test_up_prints_the_url_the_key_the_docs_and_a_first_task_to_copy(files_stack):
     up = files_stack
     out = up.stdout()
-    assert f"\nOUTLAST_URL={up.url}\n" in out
-    assert re.search(r"\nOUTLAST_API_KEY=olk_\S{20,}\n", out)
+    assert re.search(rf"(?m)^OUTLAST_URL={re.escape(up.url)}$", out)
+    assert re.search(r"(?m)^OUTLAST_API_KEY=olk_\S{20,}$", out)
+    assert out.index("OUTLAST_API_KEY=") < out.index("Outlast is ready (data in ./var)")
     assert f"API docs  {up.url}/docs" in out
     assert "`outlast up --flower` adds it" in out
     # The curl line, pasted into a shell, submits a task.
