@@ -70,8 +70,10 @@ def init_app(flask_app: Flask) -> Api:
         OPENAPI_SWAGGER_UI_URL=DOCS_ASSETS_PATH + "/",
         API_SPEC_OPTIONS={
             "info": {
+                # Markdown (Swagger UI renders it): code spans keep `<api key>` as text
+                # instead of an HTML tag that swallowed it.
                 "description": "Durable, checkpointed execution of long-running AI agent "
-                "tasks. Every /v1 request needs Authorization: Bearer <api key>."
+                "tasks. Every `/v1` request needs `Authorization: Bearer <api key>`."
             },
             "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
             "security": [{"bearer": []}],

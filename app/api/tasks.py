@@ -215,7 +215,7 @@ class TaskItem(MethodView):
         ]
     )
     def get(self, query: dict[str, Any], task_id: str) -> Response:
-        """Read a task; ``?wait=N`` long-polls for a change of status or step."""
+        """Read a task; `?wait=N` long-polls for a change of status or step."""
         row = read_task(task_id)
         wait = query.get("wait") or 0
         if wait > 0 and row["status"] not in lifecycle.TERMINAL:
