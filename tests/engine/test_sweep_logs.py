@@ -1,0 +1,58 @@
+"""What the sweeps say: one INFO line when one acted ("reaped 2 expired leases"),
+DEBUG only when it found nothing (an idle stack writes no line at INFO). The sweep tasks
+run as the worker runs them (their function, on real PostgreSQL and Redis)."""
+
+from __future__ import annotations
+
+import logging
+
+from tasks import sweeps as sweep_tasks
+from tests.engine.test_sweeps import take_lease_and_vanish
+
+SWEEP_TASKS = (
+    sweep_tasks.reap,
+    sweep_tasks.relay_outbox,
+    sweep_tasks.wake_timers,
+    sweep_tasks.expire_deadlines,
+    sweep_tasks.redispatch_lost,
+    sweep_tasks.expire_keys,
+    sweep_tasks.purge,
+)
+
+
+def _said(caplog, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= level]
+
+
+def test_a_sweep_that_acted_says_what_it_did_in_one_info_line(flask_app, tasks, caplog):
+    # Given two tasks whose workers vanished mid-step
+    for message in ("a", "b"):
+        take_lease_and_vanish(tasks, tasks.submit("echo", {"message": message}))
+    caplog.set_level(logging.DEBUG)
+
+    # When the reaper runs
+    assert sweep_tasks.reap() == 2
+
+    # Then one line at INFO says what it did; the per-task detail is DEBUG
+    assert _said(caplog, logging.INFO) == ["reaped 2 expired leases"]
+    assert sum("reaped the expired lease of" in m for m in _said(caplog, logging.DEBUG)) == 2
+
+
+def test_sweeps_that_found_nothing_write_nothing_at_info(flask_app, tasks, caplog):
+    caplog.set_level(logging.DEBUG)
+
+    for sweep in SWEEP_TASKS:
+        assert sweep() == 0, sweep.name
+
+    assert _said(caplog, logging.INFO) == []
+    nothing = [m for m in _said(caplog, logging.DEBUG) if m.endswith(": nothing to do")]
+    assert len(nothing) == len(SWEEP_TASKS)
+
+
+def test_one_thing_done_is_said_in_the_singular(flask_app, tasks, caplog):
+    take_lease_and_vanish(tasks, tasks.submit("echo", {"message": "c"}))
+    caplog.set_level(logging.INFO)
+
+    sweep_tasks.reap()
+
+    assert _said(caplog, logging.INFO) == ["reaped 1 expired lease"]
