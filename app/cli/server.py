@@ -427,7 +427,7 @@ def _run_stack(
     status = 0
     try:
         if not cfg.database_url:
-            out.log(f"starting embedded PostgreSQL in {var / 'postgres'}")
+            out.log(f"starting embedded PostgreSQL in {_shown(var / 'postgres')}")
             pg = EmbeddedPostgres(var / "postgres")
             warden.watch_postgres(pg.data_dir)
             embedded.append(pg)

@@ -78,7 +78,7 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         """Stop the server (fast shutdown: open connections are cut)."""
-        if self._server is None:
+        if self._server is None or not self.is_running():
             return
         pgserver = _import_pgserver()
 
