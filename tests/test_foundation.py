@@ -52,12 +52,20 @@ def test_heroku_postgres_url_is_rewritten_to_psycopg2():
         {"OUTLAST_MAX_ATTEMPTS": "five"},
         {"OUTLAST_MAX_ATTEMPTS": "0"},
         {"OUTLAST_WEBHOOK_ALLOW_PRIVATE": "maybe"},
+        {"OUTLAST_LOG_FORMAT": "xml"},
     ],
 )
 def test_unusable_settings_are_refused_with_the_variable_named(env):
     with pytest.raises(SettingsError) as err:
         Settings.from_env(env)
     assert next(iter(env)) in str(err.value)
+
+
+def test_log_format_is_auto_unless_json_or_console_is_asked_for():
+    assert Settings.from_env({}).log_format == "auto"
+    assert Settings.from_env({"OUTLAST_LOG_FORMAT": "JSON"}).log_format == "json"
+    assert Settings.from_env({"OUTLAST_LOG_FORMAT": "console"}).log_format == "console"
+    assert Settings.from_env({"OUTLAST_LOG_FORMAT": "text"}).log_format == "console"  # old name
 
 
 def test_agents_list_is_split_on_commas():
