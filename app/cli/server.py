@@ -497,6 +497,7 @@ def _run_stack(
         status = 1
     finally:
         _stop_stack(out, warden, children, embedded)
+        lock.release()
     return status
 
 

@@ -88,6 +88,13 @@ class StackLock:
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, data, 0)
 
+    def release(self) -> None:
+        """A clean stop: forget the holder (the next start has nothing to take over)."""
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)
+            self.fd = None
+
     def fileno(self) -> int:
         assert self.fd is not None
         return self.fd

@@ -1,8 +1,8 @@
 """Logging: one JSON object per line, or one short line for a person at a terminal.
 
 ``OUTLAST_LOG_FORMAT`` picks: ``json`` for log drains, ``console`` for people
-(``15:04:05 worker INFO  tsk_… message``), ``auto`` (the default) console when stdout is a
-terminal, else json. Both name the process (``web``, ``worker``, ``beat``, ``flower``).
+(``15:04:05 worker INFO  tsk_… step 0: message``), ``auto`` (the default) console when
+stdout is a terminal, else json. Both name the process (``web``, ``worker``, ``beat``, ``flower``).
 
 Every line carries the fields bound in the current context (a ``contextvars`` dict, so
 each thread and each request or Celery task has its own):
@@ -113,8 +113,8 @@ def _formatter(settings: Settings) -> logging.Formatter:
 
 
 class ConsoleFormatter(logging.Formatter):
-    """One short line per event: local time, process, level, the task's id when the line
-    belongs to a task, the message (``15:04:05 worker INFO  tsk_… message``)."""
+    """One short line per event: local time, process, level, the task's id (and step)
+    when the line belongs to a task, the message (``15:04:05 worker INFO  tsk_… step 0: …``)."""
 
     def __init__(self, process: str):
         super().__init__()
@@ -122,19 +122,39 @@ class ConsoleFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         clock = time.strftime("%H:%M:%S", time.localtime(record.created))
-        message = record.getMessage()
+        message = _short_celery_message(record) or record.getMessage()
         duration = getattr(record, "duration_ms", None)
         if record.name == "gunicorn.access" and duration is not None:
             message = f"{message} {duration:.0f}ms"
         task_id = getattr(record, "task_id", None)
         if task_id:
-            message = f"{task_id} {message}"
+            step = getattr(record, "step", None)
+            message = (
+                f"{task_id} step {step}: {message}" if step is not None else f"{task_id} {message}"
+            )
         line = f"{clock} {self.process:<6} {record.levelname:<5} {message}"
         if record.exc_info:
             line = f"{line}\n{self.formatException(record.exc_info)}"
         elif record.stack_info:
             line = f"{line}\n{self.formatStack(record.stack_info)}"
         return line
+
+
+def _short_celery_message(record: logging.LogRecord) -> str | None:
+    """Celery's "Task <name>[<message id>] received/succeeded in 0.335853385s: ..." for a
+    person: without the message id (the task's id says whose it is), a rounded time."""
+    if record.name not in ("celery.app.trace", "celery.worker.strategy"):
+        return None
+    args = record.args
+    if not isinstance(args, Mapping) or "id" not in args or not isinstance(record.msg, str):
+        return None
+    fields = dict(args)
+    if isinstance(fields.get("runtime"), float):
+        fields["runtime"] = round(fields["runtime"], 3)
+    try:
+        return record.msg.replace("Task ", "", 1).replace("[%(id)s]", "") % fields
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 # --- levels: Celery's per-message lines about sweeps are DEBUG ------------------------------

@@ -511,14 +511,23 @@ def test_a_tasks_lines_carry_its_id_in_json(files_stack):
 def test_a_tasks_lines_carry_its_id_in_the_console(terminal_stack):
     up = terminal_stack
     task_id = _submit_as_printed(up)
-    line = re.compile(rf"^\d\d:\d\d:\d\d worker INFO  {task_id} Task outlast\.run_step\S* (\S+)")
+    # 15:47:55 worker INFO  tsk_… step 0: outlast.run_step[echo] succeeded in 0.335s: 'continued'
+    line = re.compile(
+        rf"^\d\d:\d\d:\d\d worker INFO  {task_id} step (\d): outlast\.run_step\[echo\] (\w+)"
+    )
 
     def lines() -> list[str]:
         mine = [x for x in up.stdout().splitlines() if line.match(x)]
         return mine if len(mine) == 4 else []
 
     mine = wait_until(lines, 30, what=f"{task_id}'s console lines")
-    assert sorted(line.match(x).group(1) for x in mine) == ["received"] * 2 + ["succeeded"] * 2
+    assert sorted(line.match(x).groups() for x in mine) == [
+        ("0", "received"),
+        ("0", "succeeded"),
+        ("1", "received"),
+        ("1", "succeeded"),
+    ]
+    assert all(len(x) < 125 for x in mine), mine  # short: no message id, a rounded time
 
 
 def _submit_as_printed(up: Up) -> str:
@@ -556,6 +565,7 @@ def test_closing_its_terminal_leaves_no_process_behind(terminal_stack):
     wait_until(lambda: not survivors(processes), GRACE_SECONDS + 5, what="no survivors")
     assert up.process.wait(10) == 0
     assert not (up.var / "postgres" / "postmaster.pid").exists()
+    assert (up.var / "outlast-up.lock").read_text() == ""  # a clean stop leaves no holder
 
 
 def test_kill_9_of_up_leaves_no_process_behind_within_the_graceful_timeout(files_stack):
