@@ -199,16 +199,7 @@ class _Output:
     shutdown goes on."""
 
     def __init__(self, log_format: str):
-        self.formatter = logs.ConsoleFormatter("up") if log_format == "console" else None
-        if self.formatter is None:
-            from pythonjsonlogger.json import JsonFormatter
-
-            self.formatter = JsonFormatter(
-                "%(levelname)s %(name)s %(message)s",
-                rename_fields={"levelname": "level", "name": "logger"},
-                timestamp="time",
-                static_fields={"process": "up"},
-            )
+        self.formatter = logs.formatter(log_format, "up")
 
     def say(self, text: str = "") -> None:
         """A line for people on stdout (the banner)."""

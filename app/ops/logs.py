@@ -100,9 +100,11 @@ def resolve_format(log_format: str) -> str:
     return log_format
 
 
-def _formatter(settings: Settings) -> logging.Formatter:
-    process = process_name()
-    if resolve_format(settings.log_format) == "json":
+def formatter(log_format: str, process: str | None = None) -> logging.Formatter:
+    """The formatter of ``log_format`` (``auto`` resolved) for ``process`` (default:
+    :func:`process_name`)."""
+    process = process or process_name()
+    if resolve_format(log_format) == "json":
         from pythonjsonlogger.json import JsonFormatter
 
         # "time": ISO 8601 in UTC, the form log pipelines parse without configuration.
@@ -110,6 +112,10 @@ def _formatter(settings: Settings) -> logging.Formatter:
             _FIELDS, rename_fields=_RENAME, timestamp="time", static_fields={"process": process}
         )
     return ConsoleFormatter(process)
+
+
+def _formatter(settings: Settings) -> logging.Formatter:
+    return formatter(settings.log_format)
 
 
 class ConsoleFormatter(logging.Formatter):

@@ -370,16 +370,16 @@ def test_a_process_that_fails_stops_the_stack_with_a_non_zero_status(
     assert not survivors(stack_processes(up.pid, tmp_path / "var"))
 
 
-def test_ctrl_c_on_up_piped_into_tee_stops_everything_though_tee_dies_first(
+def test_up_with_flower_prints_its_login_and_ctrl_c_through_tee_stops_everything(
     tmp_path, database_url, servers
 ):
-    # Given `outlast up |& tee log` in a terminal (its own process group), on servers of
-    # our own (quicker than embedded ones)
+    # Given `outlast up --flower |& tee log` in a terminal (its own process group), on
+    # servers of our own (quicker than embedded ones)
     port = free_port()
     env = _up_env(port, DATABASE_URL=database_url, REDIS_URL=servers.redis_url)
+    up_command = f"{OUTLAST} up --flower --var-dir {tmp_path / 'var'}"
     script = (
-        f"({OUTLAST} up --var-dir {tmp_path / 'var'} 2>&1; echo $? > {tmp_path / 'status'})"
-        f" | tee {tmp_path / 'log'} > /dev/null"
+        f"({up_command} 2>&1; echo $? > {tmp_path / 'status'}) | tee {tmp_path / 'log'} >/dev/null"
     )
     (tmp_path / "log").touch()
     shell = subprocess.Popen(["bash", "-c", script], env=env, start_new_session=True)
@@ -390,12 +390,21 @@ def test_ctrl_c_on_up_piped_into_tee_stops_everything_though_tee_dies_first(
             interval=0.2,
             what="the banner through tee",
         )
-        command = f"{OUTLAST} up --var-dir {tmp_path / 'var'}"
         (up_pid,) = [
-            p for p in _live_pids() if command in _cmdline(p) and "bash" not in _cmdline(p)
+            p for p in _live_pids() if up_command in _cmdline(p) and "bash" not in _cmdline(p)
         ]
         processes = stack_processes(up_pid, tmp_path / "var")
         assert {"gunicorn", "celery", "warden.py"} <= _kinds(processes)
+        # Flower is there, behind the login the banner printed
+        login = re.search(
+            rf"Flower    http://127\.0\.0\.1:{port + 1}  \(user (\S+), password (\S+)\)",
+            (tmp_path / "log").read_text(),
+        )
+        assert login, (tmp_path / "log").read_text()[-2000:]
+        flower = f"http://127.0.0.1:{port + 1}/api/workers"
+        assert requests.get(flower, timeout=10).status_code == 401
+        assert requests.get(flower, auth=login.groups(), timeout=10).status_code == 200
+        assert any("flower" in _cmdline(p) for p in processes)
 
         # When Ctrl-C reaches the whole pipeline (tee dies at once: up's output is gone)
         os.killpg(shell.pid, signal.SIGINT)
