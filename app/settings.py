@@ -85,6 +85,7 @@ class Settings:
     webhook_allow_private: bool = False
     tools_deny_private: bool = False  # OUTLAST_TOOLS_DENY_PRIVATE: SSRF guard on agent tools
     max_body_bytes: int = 1048576
+    max_checkpoint_bytes: int = 8 * 1048576  # a step's state or result, as JSON
     task_retention_days: int = 30
     agents: tuple[str, ...] = ()
     llm_base_url: str | None = None
@@ -132,6 +133,9 @@ class Settings:
             webhook_allow_private=_bool(env, "OUTLAST_WEBHOOK_ALLOW_PRIVATE", False),
             tools_deny_private=_bool(env, "OUTLAST_TOOLS_DENY_PRIVATE", False),
             max_body_bytes=_int(env, "OUTLAST_MAX_BODY_BYTES", 1048576, 1, 1 << 31),
+            max_checkpoint_bytes=_int(
+                env, "OUTLAST_MAX_CHECKPOINT_BYTES", 8 * 1048576, 1024, 256 * 1048576
+            ),
             task_retention_days=_int(env, "OUTLAST_TASK_RETENTION_DAYS", 30, 1, 100000),
             agents=tuple(m.strip() for m in env.get("OUTLAST_AGENTS", "").split(",") if m.strip()),
             llm_base_url=env.get("OUTLAST_LLM_BASE_URL", "").strip() or None,

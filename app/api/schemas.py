@@ -46,6 +46,27 @@ EVENT_TYPES = [
 # --- requests ---------------------------------------------------------------------------
 
 
+class BudgetSchema(Schema):
+    """A task's budget (V2.md section 3): every limit optional, each an integer >= 1."""
+
+    max_model_calls = fields.Integer(strict=True, validate=validate.Range(min=1))
+    max_tool_calls = fields.Integer(strict=True, validate=validate.Range(min=1))
+    max_total_tokens = fields.Integer(
+        strict=True,
+        validate=validate.Range(min=1),
+        metadata={"description": "Checked before each model call against input + output tokens."},
+    )
+    max_steps = fields.Integer(strict=True, validate=validate.Range(min=1))
+    on_exhausted = fields.String(
+        load_default="fail",
+        validate=validate.OneOf(["fail", "ask"]),
+        metadata={
+            "description": "fail: the task fails with budget_exceeded; ask: input_required "
+            'with reason "budget" (answer {"extend": {...}} or {"stop": true}).'
+        },
+    )
+
+
 class CreateTaskRequest(Schema):
     """The body of ``POST /v1/tasks``. Unknown fields are refused (a typo such as
     ``timeout`` for ``timeout_seconds`` must not be silently ignored)."""
@@ -87,6 +108,12 @@ class CreateTaskRequest(Schema):
         validate=validate.Range(min=1, max=MAX_TIMEOUT_SECONDS),
         metadata={"description": "Wall-clock deadline for the whole task."},
     )
+    budget = fields.Nested(
+        BudgetSchema,
+        allow_none=True,
+        load_default=None,
+        metadata={"description": "Limits the worker enforces before each call and step."},
+    )
 
     @validates("agent")
     def _agent_is_registered(self, value: str, **_: Any) -> None:
@@ -115,6 +142,11 @@ class CreateTaskRequest(Schema):
         if agent is None:  # unregistered between the two checks
             raise ValidationError(f"Unknown agent {data['agent']!r}.", "agent")
         errors = validate_input(agent, data["input"])
+        if not errors:
+            from app.agents.builtin import INPUT_CHECKS
+
+            check = INPUT_CHECKS.get(agent.name)
+            errors = check(data["input"]) if check is not None else {}
         if errors:
             # Already dotted ("input.message"); flattened as they are.
             raise ValidationError(errors)
@@ -189,6 +221,27 @@ class InputRequestSchema(Schema):
 
     prompt = fields.String(required=True)
     schema = fields.Dict(required=True)
+    reason = fields.String(
+        metadata={"description": "Why it asks, when the engine asks: ask_human, budget."}
+    )
+
+
+class UsageSchema(Schema):
+    model_calls = fields.Integer(required=True)
+    tool_calls = fields.Integer(required=True)
+    input_tokens = fields.Integer(required=True)
+    output_tokens = fields.Integer(required=True)
+
+
+class TaskBudgetSchema(Schema):
+    class Meta:
+        unknown = INCLUDE
+
+    max_model_calls = fields.Integer()
+    max_tool_calls = fields.Integer()
+    max_total_tokens = fields.Integer()
+    max_steps = fields.Integer()
+    on_exhausted = fields.String(required=True, validate=validate.OneOf(["fail", "ask"]))
 
 
 class TaskSchema(Schema):
@@ -211,6 +264,12 @@ class TaskSchema(Schema):
     updated_at = fields.DateTime(required=True)
     started_at = fields.DateTime(required=True, allow_none=True)
     finished_at = fields.DateTime(required=True, allow_none=True)
+    usage = fields.Nested(
+        UsageSchema,
+        required=True,
+        metadata={"description": "What the task spent: each completed call counted once."},
+    )
+    budget = fields.Nested(TaskBudgetSchema, required=True, allow_none=True)
 
 
 class TaskPageSchema(Schema):

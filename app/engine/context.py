@@ -9,6 +9,7 @@ next. See docs/agents.md.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -18,7 +19,7 @@ from typing import Any, Protocol
 
 from app.engine.tools import call_key, get_tool
 from app.ops import metrics
-from app.store import db, tool_calls
+from app.store import budgets, db, tool_calls
 from outlast.sdk import (
     NOT_FOUND,
     AgentError,
@@ -28,6 +29,7 @@ from outlast.sdk import (
     Fail,
     RetryableError,
     SleepUntil,
+    Tool,
     ToolCall,
     TransientToolError,
     WaitForInput,
@@ -69,6 +71,8 @@ class StepContext:
         input: Mapping[str, Any],
         human_input: Any,
         lease: Lease,
+        usage: Mapping[str, Any] | None = None,
+        budget: Mapping[str, Any] | None = None,
     ):
         self.task_id = task_id
         self.step = step
@@ -77,6 +81,10 @@ class StepContext:
         self.human_input = human_input
         self._lease = lease
         self._calls = 0
+        # The task's recorded usage (kept current from each completed call's row) and
+        # budget (it changes only while the task waits for input): checked before calls.
+        self.usage: dict[str, Any] = dict(usage or budgets.EMPTY_USAGE)
+        self._budget = budget
 
     # --- side effects -------------------------------------------------------------------
 
@@ -90,6 +98,12 @@ class StepContext:
         """Call tool ``name`` with ``args`` through the tool-call log and return its
         output. Raises :class:`Cancelled` when the task was cancelled first."""
         return self._call(name, args)
+
+    def call_as(self, name: str, tool: Tool, args: dict[str, Any]) -> Any:
+        """Engine use (built-in agents): make a call logged, keyed, replayed and
+        budgeted like :meth:`tool` under ``name``, but run by ``tool`` (an HTTP tool
+        declared in the task's input, or a registered tool wrapped by the agent)."""
+        return self._call(name, args, tool)
 
     def llm(
         self,
@@ -147,9 +161,19 @@ class StepContext:
         """Complete the task with ``result``."""
         return Done(result)
 
-    def ask(self, prompt: str, schema: Mapping[str, Any], state: Any = None) -> WaitForInput:
+    def ask(
+        self,
+        prompt: str,
+        schema: Mapping[str, Any],
+        state: Any = None,
+        *,
+        reason: str | None = None,
+    ) -> WaitForInput:
         """Wait for a human's answer matching JSON Schema ``schema``; the next step gets
-        it as ``ctx.human_input`` and ``state`` as its state."""
+        it as ``ctx.human_input`` and ``state`` as its state. ``reason`` (engine use,
+        e.g. ``"ask_human"``) is shown in ``input_request.reason``."""
+        if reason is not None:
+            return WaitForInputWithReason(prompt, schema, state, reason)
         return WaitForInput(prompt, schema, state)
 
     def sleep(self, seconds: float, state: Any = None) -> SleepUntil:
@@ -166,8 +190,8 @@ class StepContext:
 
     # --- the log ------------------------------------------------------------------------
 
-    def _call(self, name: str, args: dict[str, Any]) -> Any:
-        spec = get_tool(name)
+    def _call(self, name: str, args: dict[str, Any], tool: Tool | None = None) -> Any:
+        spec = tool or get_tool(name)
         if spec is None:
             raise AgentError(f"no tool named {name!r} is registered")
         index = self._calls
@@ -191,9 +215,14 @@ class StepContext:
             found = spec.reconcile(key)
             if found is not NOT_FOUND:
                 with db.transaction() as conn:
-                    tool_calls.complete(conn, self.task_id, self.step, index, found)
+                    self._count(tool_calls.complete(conn, self.task_id, self.step, index, found))
                 metrics.tool_call(name, "reconciled")
                 return found
+        # A call that would go past the budget is not made (V2.md section 3).
+        action = budgets.MODEL_CALL if name == budgets.MODEL_TOOL else budgets.TOOL_CALL
+        refused = budgets.refusal(action, self._budget, self.usage)
+        if refused is not None:
+            raise BudgetExhausted(*refused)
         logged_args = spec.summarize(args) if spec.summarize else args
         with db.transaction() as conn:
             started = tool_calls.begin(
@@ -239,9 +268,30 @@ class StepContext:
                 raise TransientToolError(f"{name}: {exc}") from exc
             raise
         with db.transaction() as conn:
-            tool_calls.complete(conn, self.task_id, self.step, index, output)
+            self._count(tool_calls.complete(conn, self.task_id, self.step, index, output))
         metrics.tool_call(name, "completed")
         return output
+
+    def _count(self, usage: Mapping[str, Any] | None) -> None:
+        if usage is not None:  # None: another run of this step completed (and counted) it
+            self.usage = dict(usage)
+
+
+@dataclasses.dataclass(frozen=True)
+class WaitForInputWithReason(WaitForInput):
+    """:class:`WaitForInput` whose ``input_request`` also says why it asks."""
+
+    reason: str = ""
+
+
+class BudgetExhausted(Exception):
+    """A call or a step would go past the task's budget; the runner fails the task
+    (``budget_exceeded``) or asks for more, as ``on_exhausted`` says."""
+
+    def __init__(self, limit: str, value: int):
+        super().__init__(budgets.message(limit, value))
+        self.limit = limit
+        self.value = value
 
 
 def is_transient(exc: BaseException) -> bool:

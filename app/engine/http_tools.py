@@ -239,3 +239,64 @@ def _body(response: requests.Response) -> Any:
         return response.json()
     except ValueError:
         return response.text[:BODY_MAX_CHARS]
+
+
+# --- the assistant's http_tools -------------------------------------------------------------
+
+
+# Said without the address the host resolved to (V2.md section 12a).
+REFUSED_URL = (
+    "the tool URL was refused: it is not a public http(s) address "
+    "(private, loopback, link-local, multicast and reserved addresses are refused)"
+)
+
+
+class ToolAnswerError(AgentError):
+    """The HTTP tool answered with a status that is its final word (3xx, 4xx): the
+    model gets ``{"error": <message>}`` as the result."""
+
+
+def post_declared_tool(
+    call: ToolCall, url: str, arguments: Any, timeout: float = POST_TIMEOUT_SECONDS
+) -> Any:
+    """Call an HTTP tool declared in a task's input (V2.md section 9): ``POST`` the
+    arguments as JSON to ``url`` with ``Idempotency-Key: <the call's key>``; its JSON
+    answer is the result (a non-JSON body: its text).
+
+    The webhook SSRF rules apply: the URL is checked again here (DNS may have changed
+    since the submission) and the connection's peer address is checked when it is made
+    (:func:`app.webhooks.urlguard.guarded_session`), unless
+    ``OUTLAST_WEBHOOK_ALLOW_PRIVATE=1``. 5xx answers and connection errors are retried
+    here with the same key, then raise :class:`TransientToolError` (the step is
+    retried); a 3xx or 4xx answer raises :class:`ToolAnswerError`.
+    """
+    allow_private = settings_mod.current().webhook_allow_private
+    try:
+        urlguard.check_url(url, allow_private=allow_private)
+    except urlguard.UnsafeUrl:
+        raise ToolAnswerError(REFUSED_URL) from None
+    headers = {"User-Agent": USER_AGENT, "Idempotency-Key": call.key}
+    problem = ""
+    with urlguard.guarded_session(allow_private=allow_private) as session:
+        for attempt in range(1, POST_ATTEMPTS + 1):
+            call.check_cancelled()
+            try:
+                response = session.post(
+                    url, json=arguments, headers=headers, timeout=timeout, allow_redirects=False
+                )
+            except urlguard.UnsafeUrl:
+                raise ToolAnswerError(REFUSED_URL) from None
+            except requests.RequestException as exc:
+                problem = f"{type(exc).__name__}"
+            else:
+                if response.status_code < 300:
+                    return _body(response)
+                if response.status_code < 500:
+                    text = response.text[:500]
+                    raise ToolAnswerError(
+                        f"HTTP {response.status_code}" + (f": {text}" if text else "")
+                    )
+                problem = f"HTTP {response.status_code}"
+            if attempt < POST_ATTEMPTS:
+                time.sleep(POST_RETRY.delay(attempt))
+    raise TransientToolError(f"the tool at {url} failed {POST_ATTEMPTS} times: {problem}")

@@ -98,9 +98,12 @@ class OfflineModel:
     """A deterministic stand-in for a model: the same messages always get the same
     answer, so every built-in agent runs without network.
 
-    With ``tools`` and no tool result since the last user message, it calls the first
-    tool, filling each required string parameter with the user's last message; otherwise
-    it answers with a short digest of the last user message.
+    Offered ``tools``, it calls each tool it has not called since the last user message,
+    all in one turn, with arguments built from the tool's schema (each required
+    parameter: the user's last message for a string, ``1`` for a number, ``true``,
+    ``[]``, ``{}``, or an enum's first value); once every tool has answered, or with
+    no tools, it answers with a short digest of the question and the tool results.
+    It reports token counts of its own (about four characters a token).
     """
 
     def complete(
@@ -111,32 +114,37 @@ class OfflineModel:
         key: str | None = None,
         **options: Any,
     ) -> dict[str, Any]:
-        digest = hashlib.sha256(
-            json.dumps(list(messages), sort_keys=True, default=str).encode()
-        ).hexdigest()
+        prompt = json.dumps(list(messages), sort_keys=True, default=str)
+        digest = hashlib.sha256(prompt.encode()).hexdigest()
         user_index = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
         user_text = str(messages[user_index].get("content") or "") if user_index >= 0 else ""
-        answered = any(m.get("role") == "tool" for m in messages[user_index + 1 :])
-        if tools and not answered:
-            function = dict(tools[0].get("function") or {})
-            params = function.get("parameters") or {}
-            arguments = {
-                name: user_text
-                for name in params.get("required", [])
-                if (params.get("properties", {}).get(name) or {}).get("type", "string") == "string"
-            }
-            message = {
+        called = {
+            (c.get("function") or {}).get("name")
+            for m in messages[user_index + 1 :]
+            if m.get("role") == "assistant"
+            for c in m.get("tool_calls") or []
+        }
+        to_call = [
+            dict(t.get("function") or {})
+            for t in tools or []
+            if (t.get("function") or {}).get("name") not in called
+        ]
+        if to_call:
+            message: dict[str, Any] = {
                 "role": "assistant",
                 "content": None,
                 "tool_calls": [
                     {
-                        "id": f"call_{digest[:16]}",
+                        "id": f"call_{digest[:16]}_{i}",
                         "type": "function",
                         "function": {
                             "name": function.get("name", "tool"),
-                            "arguments": json.dumps(arguments),
+                            "arguments": json.dumps(
+                                _arguments(function.get("parameters") or {}, user_text)
+                            ),
                         },
                     }
+                    for i, function in enumerate(to_call)
                 ],
             }
             finish = "tool_calls"
@@ -146,12 +154,48 @@ class OfflineModel:
                 "content": _digest_answer(user_text, messages[user_index + 1 :]),
             }
             finish = "stop"
+        prompt_tokens = _token_count(prompt)
+        completion_tokens = _token_count(json.dumps(message, sort_keys=True))
         return {
             "message": message,
             "finish_reason": finish,
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
             "model": OFFLINE_MODEL,
         }
+
+
+def _token_count(text: str) -> int:
+    return (len(text) + 3) // 4
+
+
+_PLACEHOLDERS: dict[str, Any] = {
+    "integer": 1,
+    "number": 1,
+    "boolean": True,
+    "array": [],
+    "object": {},
+    "null": None,
+}
+
+
+def _arguments(parameters: Mapping[str, Any], user_text: str) -> dict[str, Any]:
+    """Arguments for a tool call: a value for each required parameter."""
+    properties = parameters.get("properties") or {}
+    arguments: dict[str, Any] = {}
+    for name in parameters.get("required") or []:
+        prop = properties.get(name) or {}
+        if prop.get("enum"):
+            arguments[name] = prop["enum"][0]
+            continue
+        kind = prop.get("type", "string")
+        if isinstance(kind, list):
+            kind = kind[0] if kind else "string"
+        arguments[name] = _PLACEHOLDERS.get(kind, user_text) if kind != "string" else user_text
+    return arguments
 
 
 def _digest_answer(user_text: str, after: Sequence[Mapping[str, Any]]) -> str:

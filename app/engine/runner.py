@@ -32,11 +32,11 @@ from jsonschema.exceptions import SchemaError
 from sqlalchemy.engine import Connection, RowMapping
 
 from app import settings as settings_mod
-from app.engine.context import StepContext, is_transient
+from app.engine.context import BudgetExhausted, StepContext, is_transient
 from app.engine.lease import LeaseKeeper
 from app.engine.registry import get_agent
 from app.ops import logs
-from app.store import db, db_errors, ids, lifecycle, outbox
+from app.store import budgets, db, db_errors, ids, lifecycle, outbox
 from outlast.backoff import Backoff
 from outlast.sdk import Cancelled, Continue, Done, Fail, SleepUntil, WaitForInput
 
@@ -108,6 +108,9 @@ def _run_leased(
             "agent_error",
             f"no agent named {task['agent']!r} is registered on this worker",
         )
+    refused = budgets.refusal(budgets.STEP, task["budget"], task["usage"], step=step)
+    if refused is not None:  # max_steps is checked before a step starts
+        return _budget_exhausted(task_id, token, task["budget"], BudgetExhausted(*refused))
     keeper = LeaseKeeper(task_id, token, cfg.lease_seconds, deadline_at)
     ctx = StepContext(
         task_id=task_id,
@@ -116,10 +119,16 @@ def _run_leased(
         input=agent.defaults(task["input"] or {}),
         human_input=task["human_input"],
         lease=keeper,
+        usage=task["usage"],
+        budget=task["budget"],
     )
     with keeper:
         try:
             outcome = agent.step(ctx, state)
+        except BudgetExhausted as exc:
+            if keeper.lost.is_set():
+                return "discarded"
+            return _budget_exhausted(task_id, token, task["budget"], exc)
         except Cancelled as exc:
             if keeper.deadline_passed():
                 with db.transaction() as conn:
@@ -146,6 +155,20 @@ def _run_leased(
         if keeper.lost.is_set():
             return "discarded"
         return _commit(task_id, step, token, outcome, started_at, task["attempt"])
+
+
+def _budget_exhausted(task_id: str, token: str, budget: Any, exc: BudgetExhausted) -> str:
+    """The budget refused a call or a step: fail, or ask for more (V2.md section 3)."""
+    if (budget or {}).get("on_exhausted") != "ask":
+        return _finish_failed(task_id, token, budgets.ERROR_TYPE, str(exc))
+    request = budgets.ask_request(exc.limit, exc.value)
+
+    def work() -> str:
+        with db.transaction() as conn:
+            row = lifecycle.request_budget_input(conn, task_id, token, request)
+        return "input_required" if row is not None else "discarded"
+
+    return _with_db_retries(work)
 
 
 def _previous_state(conn: Connection, task_id: str, step: int) -> Any:
@@ -210,9 +233,16 @@ def _retry_or_fail(
 
 def _check_json(value: Any, what: str) -> str | None:
     try:
-        json.dumps(value, allow_nan=False)
+        encoded = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
         return f"the step returned a {what} that is not JSON: {exc}"
+    limit = settings_mod.current().max_checkpoint_bytes
+    size = len(encoded.encode("utf-8"))
+    if size > limit:  # refused here, with a clear error, rather than breaking the commit
+        return (
+            f"the step returned a {what} of {size} bytes as JSON, more than "
+            f"OUTLAST_MAX_CHECKPOINT_BYTES ({limit})"
+        )
     return None
 
 
@@ -251,9 +281,10 @@ def _commit(
                 )
                 if row is None:
                     return "discarded"
-                lifecycle.request_input(
-                    conn, task_id, {"prompt": outcome.prompt, "schema": dict(outcome.schema)}
-                )
+                request = {"prompt": outcome.prompt, "schema": dict(outcome.schema)}
+                if getattr(outcome, "reason", None):
+                    request["reason"] = outcome.reason
+                lifecycle.request_input(conn, task_id, request)
                 return "input_required"
             assert isinstance(outcome, SleepUntil)
             row = lifecycle.commit_step(

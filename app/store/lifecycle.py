@@ -22,7 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
-from app.store import db, deliveries, ids, outbox
+from app.store import budgets, db, deliveries, ids, outbox
 from app.store.representation import TASK_COLUMNS, task_json
 
 NOTIFY_CHANNEL = "outlast_task"
@@ -76,6 +76,7 @@ class ErrorType(enum.StrEnum):
     TIMEOUT = "timeout"
     WORKER_LOST = "worker_lost"
     INVALID_OUTPUT = "invalid_output"
+    BUDGET_EXCEEDED = "budget_exceeded"
 
 
 # Called with (event type, task row) after the transaction that wrote the event commits.
@@ -174,18 +175,19 @@ def create(
     timeout_seconds: int | None,
     idempotency_key: str | None,
     task_id: str | None = None,
+    budget: Mapping[str, Any] | None = None,
 ) -> RowMapping:
     """Insert a ``pending`` task and its ``task.created`` event (seq 1)."""
     row = (
         conn.execute(
             sa.text(
                 "INSERT INTO tasks (id, tenant_id, agent, status, input, metadata, webhook_url, "
-                "timeout_seconds, deadline_at, idempotency_key, last_seq, dispatched_at) "
+                "timeout_seconds, deadline_at, idempotency_key, last_seq, dispatched_at, budget) "
                 "VALUES (:id, :tenant_id, :agent, 'pending', CAST(:input AS jsonb), "
                 "CAST(:metadata AS jsonb), :webhook_url, :timeout, "
                 "CASE WHEN CAST(:timeout AS integer) IS NULL THEN NULL "
                 "ELSE now() + make_interval(secs => CAST(:timeout AS integer)) END, "
-                f":idem, 1, now()) RETURNING {TASK_COLUMNS}"
+                f":idem, 1, now(), CAST(:budget AS jsonb)) RETURNING {TASK_COLUMNS}"
             ),
             {
                 "id": task_id or ids.new_id("tsk"),
@@ -196,6 +198,7 @@ def create(
                 "webhook_url": webhook_url,
                 "timeout": timeout_seconds,
                 "idem": idempotency_key,
+                "budget": json.dumps(budget) if budget is not None else None,
             },
         )
         .mappings()
@@ -407,18 +410,83 @@ def resume_with_input(
     conn: Connection, task_id: str, tenant_id: str, human_input: Any
 ) -> RowMapping | None:
     """``input_required`` → ``working`` (``task.resumed``), keeping ``human_input`` for the
-    next step (``ctx.human_input``); the caller enqueues the step."""
+    next step (``ctx.human_input``); the caller enqueues the step.
+
+    A task waiting on its budget (``reason: "budget"``) takes the answer itself:
+    ``extend`` raises its limits and the refused step runs again (its own
+    ``human_input`` kept); ``{"stop": true}`` fails it with ``budget_exceeded``.
+    """
     row = _update(
         conn,
         task_id,
         "status = 'working', input_request = NULL, dispatched_at = now(), "
         "human_input = CAST(:human_input AS jsonb)",
         allowed={Status.INPUT_REQUIRED},
-        where_sql="AND tenant_id = :tenant_id",
+        where_sql="AND tenant_id = :tenant_id "
+        f"AND (input_request->>'reason') IS DISTINCT FROM '{budgets.ASK_REASON}'",
         params={"tenant_id": tenant_id, "human_input": json.dumps(human_input)},
     )
     if row is not None:
         append_event(conn, row, EventType.RESUMED)
+        return row
+    return _resume_budget(conn, task_id, tenant_id, human_input)
+
+
+def _resume_budget(
+    conn: Connection, task_id: str, tenant_id: str, answer: Any
+) -> RowMapping | None:
+    waiting = get(conn, task_id, tenant_id)
+    if (
+        waiting is None
+        or waiting["status"] != Status.INPUT_REQUIRED
+        or not budgets.is_budget_request(waiting["input_request"])
+    ):
+        return None
+    answer = answer if isinstance(answer, Mapping) else {}
+    scope = {"where_sql": "AND tenant_id = :tenant_id", "params": {"tenant_id": tenant_id}}
+    if answer.get("stop") is True:
+        prompt = waiting["input_request"].get("prompt") or "budget exhausted"
+        return _fail(
+            conn,
+            task_id,
+            budgets.ERROR_TYPE,
+            f"{prompt} (stopped by input)",
+            allowed={Status.INPUT_REQUIRED},
+            **scope,
+        )
+    budget = budgets.extended(waiting["budget"], answer.get("extend") or {})
+    row = _update(
+        conn,
+        task_id,
+        "status = 'working', input_request = NULL, dispatched_at = now(), "
+        "budget = CAST(:budget AS jsonb)",
+        allowed={Status.INPUT_REQUIRED},
+        where_sql=scope["where_sql"],
+        params={**scope["params"], "budget": json.dumps(budget)},
+    )
+    if row is not None:
+        append_event(conn, row, EventType.RESUMED)
+    return row
+
+
+def request_budget_input(
+    conn: Connection, task_id: str, token: str, input_request: Mapping[str, Any]
+) -> RowMapping | None:
+    """A budget with ``on_exhausted: "ask"`` refused a call or a step: ``working`` →
+    ``input_required`` with no checkpoint, so the same step runs again (replaying its
+    completed calls) once the budget is extended. Fenced on the lease."""
+    row = _update(
+        conn,
+        task_id,
+        "status = 'input_required', input_request = CAST(:req AS jsonb), "
+        "lease_token = NULL, lease_expires_at = NULL, wake_at = NULL, dispatched_at = NULL, "
+        "step_retries = 0",
+        allowed={Status.WORKING},
+        where_sql="AND lease_token = :token",
+        params={"req": json.dumps(input_request), "token": token},
+    )
+    if row is not None:
+        append_event(conn, row, EventType.INPUT_REQUIRED)
     return row
 
 

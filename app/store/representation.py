@@ -10,7 +10,8 @@ from typing import Any
 TASK_COLUMNS = (
     "id, tenant_id, agent, status::text AS status, input, metadata, step, progress, result, "
     "error, input_request, attempt, webhook_url, created_at, updated_at, started_at, "
-    "finished_at, last_seq, lease_token, deadline_at, timeout_seconds, wake_at, human_input"
+    "finished_at, last_seq, lease_token, deadline_at, timeout_seconds, wake_at, human_input, "
+    "usage, budget"
 )
 
 
@@ -44,6 +45,8 @@ def task_json(row: Mapping[str, Any]) -> dict[str, Any]:
         "updated_at": rfc3339(row["updated_at"]),
         "started_at": rfc3339(row["started_at"]),
         "finished_at": rfc3339(row["finished_at"]),
+        "usage": row["usage"],  # V2.md section 1: what the task really spent
+        "budget": row["budget"],  # V2.md section 3: as submitted, extensions applied
     }
 
 

@@ -28,7 +28,7 @@ from sqlalchemy.engine import RowMapping
 
 from app import settings as settings_mod
 from app.errors import IdempotencyKeyInFlight, IdempotencyKeyReused, InvalidIdempotencyKey
-from app.store import db, lifecycle, outbox
+from app.store import budgets, db, lifecycle, outbox
 
 MAX_KEY_LENGTH = 255
 # How long a request waits for a concurrent one with the same key to commit.
@@ -130,6 +130,7 @@ def submit(
                 webhook_url=task.get("webhook_url"),
                 timeout_seconds=task.get("timeout_seconds"),
                 idempotency_key=idempotency_key,
+                budget=budgets.normalized(task.get("budget")),
             )
             if idempotency_key is not None:
                 conn.execute(

@@ -15,6 +15,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
+from app.store import budgets
+
 STARTED = "started"
 COMPLETED = "completed"
 FAILED = "failed"
@@ -83,17 +85,47 @@ def begin(
     )
 
 
-def complete(conn: Connection, task_id: str, step: int, call_index: int, output: Any) -> None:
-    """Store the call's output. Not fenced: the side effect happened whatever became of
-    the lease, and a later run of this step must replay rather than repeat it."""
-    conn.execute(
+def complete(
+    conn: Connection, task_id: str, step: int, call_index: int, output: Any
+) -> dict[str, int] | None:
+    """Store the call's output and count the call in ``tasks.usage`` (V2.md section 1)
+    in the same statement; returns the task's usage after it.
+
+    Not fenced: the side effect happened whatever became of the lease, and a later run
+    of this step must replay rather than repeat it. A call already completed is left
+    alone and not counted again (``None``): usage counts each completed call once.
+    """
+    as_model_call = budgets.added(budgets.EMPTY_USAGE, budgets.MODEL_TOOL, output)
+    is_model = f"done.name = '{budgets.MODEL_TOOL}'"
+    return conn.execute(
         sa.text(
+            "WITH done AS ("
             "UPDATE tool_calls SET status = 'completed', output = CAST(:output AS jsonb), "
             "error = NULL, finished_at = now() "
-            "WHERE task_id = :task_id AND step_index = :step AND call_index = :call"
+            "WHERE task_id = :task_id AND step_index = :step AND call_index = :call "
+            "AND status <> 'completed' RETURNING name) "
+            "UPDATE tasks SET usage = jsonb_build_object("
+            f"'model_calls', {_used('model_calls')} + CASE WHEN {is_model} THEN 1 ELSE 0 END, "
+            f"'tool_calls', {_used('tool_calls')} + CASE WHEN {is_model} THEN 0 ELSE 1 END, "
+            f"'input_tokens', {_used('input_tokens')} + CASE WHEN {is_model} THEN :input_tokens "
+            "ELSE 0 END, "
+            f"'output_tokens', {_used('output_tokens')} + CASE WHEN {is_model} "
+            "THEN :output_tokens ELSE 0 END) "
+            "FROM done WHERE tasks.id = :task_id RETURNING tasks.usage"
         ),
-        {"task_id": task_id, "step": step, "call": call_index, "output": json.dumps(output)},
-    )
+        {
+            "task_id": task_id,
+            "step": step,
+            "call": call_index,
+            "output": json.dumps(output),
+            "input_tokens": as_model_call["input_tokens"],
+            "output_tokens": as_model_call["output_tokens"],
+        },
+    ).scalar()
+
+
+def _used(key: str) -> str:
+    return f"COALESCE((tasks.usage->>'{key}')::bigint, 0)"
 
 
 def fail(conn: Connection, task_id: str, step: int, call_index: int, error: dict[str, Any]) -> None:
