@@ -96,6 +96,8 @@ def _flatten(messages: Any, prefix: str = "") -> dict[str, list[str]]:
                 out.update(_flatten(value, ""))
                 continue
             path = f"{prefix}.{key}" if prefix else str(key)
+            if key == "_schema" and prefix:  # a nested object's own error names the object
+                path = prefix
             if isinstance(value, list) and all(isinstance(v, str) for v in value):
                 out[path] = value
             else:

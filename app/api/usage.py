@@ -75,7 +75,7 @@ class UsageRowSchema(UsageCountsSchema):
     agent = fields.String(required=True)
 
 
-class UsageSchema(Schema):
+class UsageReportSchema(Schema):
     """The answer of ``GET /v1/usage``."""
 
     object = fields.String(required=True, validate=validate.OneOf(["usage"]))
@@ -99,7 +99,7 @@ def _counts(row: Any) -> dict[str, int]:
 @blueprint.route("/usage")
 class Usage(MethodView):
     @blueprint.arguments(UsageQuery, location="query")
-    @blueprint.response(200, UsageSchema)
+    @blueprint.response(200, UsageReportSchema)
     def get(self, query: dict[str, Any]) -> Response:
         """The tenant's usage: totals and one row per day and agent.
 
