@@ -283,9 +283,14 @@ class Client:
         webhook_url: str | None = None,
         timeout_seconds: int | None = None,
         idempotency_key: str | None = None,
+        budget: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Submit a task; returns it (status ``pending``, or its current state when the
         key was already used with the same body).
+
+        ``budget`` limits what the task may spend (``max_model_calls``,
+        ``max_tool_calls``, ``max_total_tokens``, ``max_steps``, ``on_exhausted``:
+        ``"fail"`` or ``"ask"``); the task's ``usage`` says what it spent.
 
         The request carries ``idempotency_key`` (a new random one unless given) and is
         retried with that same key on connection errors, ``5xx``, ``409`` (the first
@@ -299,6 +304,8 @@ class Client:
             body["webhook_url"] = webhook_url
         if timeout_seconds is not None:
             body["timeout_seconds"] = timeout_seconds
+        if budget is not None:
+            body["budget"] = dict(budget)
         key = idempotency_key or f"idem_{uuid.uuid4().hex}"
         return self._request(
             "POST",
@@ -353,6 +360,14 @@ class Client:
     def steps(self, task_id: str) -> list[dict[str, Any]]:
         """The task's checkpoint log, oldest first."""
         return self._request("GET", f"/v1/tasks/{task_id}/steps")["data"]
+
+    def usage(
+        self, *, from_: str | None = None, to: str | None = None, agent: str | None = None
+    ) -> dict[str, Any]:
+        """What the tenant's tasks spent between the UTC days ``from_`` and ``to``
+        (``YYYY-MM-DD``, both included): ``{"totals", "data": [by day and agent]}``."""
+        params = {"from": from_, "to": to, "agent": agent}
+        return self._request("GET", "/v1/usage", params=params)
 
     def deliveries(self, task_id: str) -> list[dict[str, Any]]:
         """The task's webhook deliveries."""

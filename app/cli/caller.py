@@ -106,6 +106,15 @@ def _report_outcome(task: dict[str, Any], as_json: bool) -> None:
     status = task["status"]
     if as_json:
         _print_json(task)
+    elif status == "completed" and task["agent"] in NARRATING_AGENTS:
+        usage = task.get("usage") or {}
+        click.echo(
+            f"{task['result'].get('turns')} turns; usage: {usage.get('model_calls')} model "
+            f"calls, {usage.get('tool_calls')} tool calls, "
+            f"{(usage.get('input_tokens') or 0) + (usage.get('output_tokens') or 0)} tokens",
+            err=True,
+        )
+        click.echo(task["result"].get("content") or "")  # the final answer
     elif status == "completed":
         _print_json(task["result"])
     elif status == "failed":
@@ -153,12 +162,20 @@ class _Progress:
         self.bar = None
 
 
+# Agents whose progress messages are a running account (each turn and tool call of a
+# model loop): printed one line each as they happen, not drawn as a bar.
+NARRATING_AGENTS = frozenset({"assistant"})
+
+
 def _follow(client: Client, task: dict[str, Any], show_bar: bool) -> dict[str, Any]:
     """Follow the task's events until it settles; returns the task as of its last event."""
-    progress = _Progress(f"{task['agent']} {task['id']}") if show_bar else None
+    narrate = show_bar and task["agent"] in NARRATING_AGENTS
+    progress = _Progress(f"{task['agent']} {task['id']}") if show_bar and not narrate else None
     try:
         for event in client.events(task["id"], follow=True):
             task = event["data"]["task"]
+            if narrate and event["type"] == "task.progress":
+                click.echo(f"  {(task.get('progress') or {}).get('message')}", err=True)
             if progress is not None:
                 progress.show(task.get("progress"))
             if task["status"] in STATUS_EXIT:
@@ -178,6 +195,12 @@ def _follow(client: Client, task: dict[str, Any], show_bar: bool) -> dict[str, A
 @click.option("--webhook-url", default=None, help="URL that receives the task's signed events.")
 @click.option("--timeout-seconds", type=click.IntRange(1, 604800), default=None)
 @click.option("--idempotency-key", default=None, help="Default: a new random key.")
+@click.option(
+    "--budget",
+    default=None,
+    metavar="JSON|@FILE",
+    help='Limits, e.g. \'{"max_model_calls": 10, "on_exhausted": "ask"}\'.',
+)
 @click.option("--wait", "wait_", is_flag=True, help="Show progress and wait until it settles.")
 @_client_command
 def submit(
@@ -189,9 +212,13 @@ def submit(
     webhook_url: str | None,
     timeout_seconds: int | None,
     idempotency_key: str | None,
+    budget: str | None,
     wait_: bool,
 ) -> None:
     """Submit a task to AGENT; prints its id (or, with --wait, its result).
+
+    With --wait, an assistant task shows each model turn and tool call as it happens,
+    then its final answer.
 
     The submission is retried with the same Idempotency-Key until it is answered, so it
     creates one task however flaky the network is.
@@ -203,6 +230,7 @@ def submit(
         webhook_url=webhook_url,
         timeout_seconds=timeout_seconds,
         idempotency_key=idempotency_key,
+        budget=_json_argument(budget, "--budget") if budget else None,
     )
     if not wait_:
         if as_json:
