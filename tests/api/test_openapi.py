@@ -149,8 +149,29 @@ def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_document(
         response = case.call_and_validate(headers=auth, excluded_checks=EXCLUDED_CHECKS)
         statuses.setdefault(f"{case.method} {case.path}", set()).add(response.status_code)
 
+    # Valid submissions on their own too: which branch of one_of a draw takes shifts
+    # with every schema change, and a run that happened to draw none proved nothing.
+    submissions = schema["/v1/tasks"]["POST"].as_strategy(
+        generation_mode=generation_mode,
+        body={"agent": "echo", "input": {"message": "generated"}},
+    )
+
+    @hypothesis.settings(
+        max_examples=10,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @hypothesis.given(case=submissions)
+    def run_submissions(case) -> None:
+        response = case.call_and_validate(headers=auth, excluded_checks=EXCLUDED_CHECKS)
+        statuses.setdefault(f"{case.method} {case.path}", set()).add(response.status_code)
+
     statuses: dict[str, set[int]] = {}
     run()
+    run_submissions()
     # The run reached every operation, authenticated, and past the 404 of random ids.
     seen = set().union(*statuses.values())
     operations = sum(1 for result in schema.get_all_operations() if result.ok())

@@ -331,3 +331,27 @@ def test_bad_assistant_input_is_refused_with_the_field_named(client, auth, setti
         headers=auth,
     )
     assert ok.status_code == 202, ok.get_data(as_text=True)
+
+
+def test_a_conversation_past_the_checkpoint_limit_fails_the_task_with_a_clear_error(
+    celery_worker, client, auth, settings, tasks
+):
+    # Given a checkpoint limit of 4 KiB and a tool whose answer is bigger than that
+    settings_mod.configure(settings.replace(max_checkpoint_bytes=4096))
+    big = LocalServer(lambda request: json_answer(200, {"text": "x" * 6000}))
+    try:
+        task = submit(
+            client,
+            auth,
+            {"prompt": "fetch", "http_tools": [{"name": "fetch", "url": big.url + "/big"}]},
+        )
+        failed = tasks.wait_status(task["id"], "failed")
+    finally:
+        big.close()
+
+    # Then the task fails, saying why, and nothing else broke: the log kept the call
+    assert failed["error"]["type"] == "invalid_output"
+    assert "OUTLAST_MAX_CHECKPOINT_BYTES (4096)" in failed["error"]["message"]
+    assert failed["step"] == 0
+    assert failed["usage"]["tool_calls"] == 1
+    assert tasks.event_types(task["id"])[-1] == "task.failed"

@@ -61,3 +61,27 @@ def test_docs_offline_assistant_example_shows_each_turn_and_the_final_answer(ops
     assert final.exit_code == 0, final.stderr
     assert "turn 1: answered" in final.stderr
     assert final.stdout.startswith("Offline model answer") and "Say hi" in final.stdout
+
+
+def test_submit_budget_flag_limits_the_task(ops_stack):
+    from click.testing import CliRunner
+
+    from app.cli import main
+
+    env = {"OUTLAST_URL": ops_stack.base_url, "OUTLAST_API_KEY": ops_stack.api_key}
+    ran = CliRunner().invoke(
+        main,
+        [
+            "submit",
+            "echo",
+            "--wait",
+            "--input",
+            '{"message": "m", "steps": 3}',
+            "--budget",
+            '{"max_steps": 1}',
+        ],
+        env=env,
+        catch_exceptions=False,
+    )
+    assert ran.exit_code == 3, ran.stderr
+    assert "budget_exceeded: budget exhausted: max_steps = 1" in ran.stderr
