@@ -85,6 +85,7 @@ class StepContext:
         # budget (it changes only while the task waits for input): checked before calls.
         self.usage: dict[str, Any] = dict(usage or budgets.EMPTY_USAGE)
         self._budget = budget
+        self.refused: BudgetExhausted | None = None  # the call the budget refused, if any
 
     # --- side effects -------------------------------------------------------------------
 
@@ -222,7 +223,8 @@ class StepContext:
         action = budgets.MODEL_CALL if name == budgets.MODEL_TOOL else budgets.TOOL_CALL
         refused = budgets.refusal(action, self._budget, self.usage)
         if refused is not None:
-            raise BudgetExhausted(*refused)
+            self.refused = BudgetExhausted(*refused)  # sticky: an agent may not swallow it
+            raise self.refused
         logged_args = spec.summarize(args) if spec.summarize else args
         with db.transaction() as conn:
             started = tool_calls.begin(

@@ -154,6 +154,8 @@ def _run_leased(
             return _finish_failed(task_id, token, "agent_error", _describe(exc))
         if keeper.lost.is_set():
             return "discarded"
+        if ctx.refused is not None:  # the agent caught the refusal; it still stands
+            return _budget_exhausted(task_id, token, task["budget"], ctx.refused)
         return _commit(task_id, step, token, outcome, started_at, task["attempt"])
 
 

@@ -142,3 +142,19 @@ def test_budget_is_checked_at_submission(client, auth):
     plain = submit(client, auth, "echo", {"message": "x"}, None)
     assert plain["budget"] is None
     assert submit(client, auth, "echo", {"message": "x"}, {})["budget"] == {"on_exhausted": "fail"}
+
+
+def test_a_refusal_stands_even_when_the_agent_catches_it(
+    celery_worker, client, auth, tasks, ledger, settings
+):
+    from app import settings as settings_mod
+
+    settings_mod.configure(
+        settings.replace(agents=(*settings.agents, "tests.engine.budget_agents"))
+    )
+    task = submit(
+        client, auth, "test_swallows_refusals", {"url": ledger.url}, {"max_tool_calls": 1}
+    )
+    failed = tasks.wait_status(task["id"], "failed")
+    assert failed["error"]["type"] == "budget_exceeded"
+    assert ledger.count() == 1  # the refused calls were not made
