@@ -23,6 +23,7 @@ next:
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
@@ -156,20 +157,78 @@ class Context(Protocol):
 StepFunction = Callable[[Context, Any], Outcome]
 
 
+# A migration: ``(state, input) -> state``, the checkpoint of an older version made
+# readable by this version's step function.
+Migration = Callable[[Any, Mapping[str, Any]], Any]
+
+# Versions name queues and metric labels: short and plain.
+_VERSION = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def check_version(version: str) -> str:
+    """``version`` if it is 1 to 64 letters, digits, ``.``, ``_`` or ``-``."""
+    if not isinstance(version, str) or not _VERSION.match(version):
+        raise ValueError(
+            f"an agent version must be 1 to 64 letters, digits, '.', '_' or '-', not {version!r}"
+        )
+    return version
+
+
 @dataclasses.dataclass(frozen=True)
 class Agent:
     """An agent: ``name``, ``input_schema`` (JSON Schema of ``input``), the step
-    function, and a one-line ``description``."""
+    function, a one-line ``description``, its ``version`` (``"1"`` by default), and the
+    migrations from older versions it declares (:meth:`migrate`).
+
+    A task is pinned to the version it was submitted on: a worker runs its steps only
+    with the code of that version, or after a migration from it declared here.
+    """
 
     name: str
     input_schema: Mapping[str, Any]
     step: StepFunction
     description: str = ""
+    version: str = "1"
+    migrations: dict[str, Migration] = dataclasses.field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
 
     @property
     def identity(self) -> str:
         """Where the step function is defined (two agents are one if this matches)."""
         return f"{self.step.__module__}.{self.step.__qualname__}"
+
+    def migrate(self, *, from_version: str) -> Callable[[Migration], Migration]:
+        """Decorator: ``fn(state, input) -> state`` turns a checkpoint written by version
+        ``from_version`` into one this version reads. A task on ``from_version`` that
+        reaches a worker without that version's code is migrated at its next step
+        boundary (event ``task.migrated``) and continues on this version.
+
+        >>> @agent("hello", input_schema={"type": "object"}, version="2")
+        ... def hello(ctx, state):
+        ...     return ctx.done(state)
+        >>> @hello.migrate(from_version="1")
+        ... def from_v1(state, input):
+        ...     return {"names": [state]} if state else None
+        >>> sorted(hello.migrations)
+        ['1']
+        """
+        check_version(from_version)
+        if from_version == self.version:
+            raise ValueError(
+                f"agent {self.name!r} version {self.version} cannot migrate from itself"
+            )
+
+        def wrap(fn: Migration) -> Migration:
+            if from_version in self.migrations and self.migrations[from_version] is not fn:
+                raise ValueError(
+                    f"agent {self.name!r} version {self.version} already has a migration "
+                    f"from version {from_version}"
+                )
+            self.migrations[from_version] = fn
+            return fn
+
+        return wrap
 
     def defaults(self, input: Mapping[str, Any]) -> dict[str, Any]:
         """``input`` with the schema's top-level ``default`` values filled in."""
@@ -181,16 +240,18 @@ class Agent:
 
 
 def agent(
-    name: str, *, input_schema: Mapping[str, Any], description: str = ""
+    name: str, *, input_schema: Mapping[str, Any], description: str = "", version: str = "1"
 ) -> Callable[[StepFunction], Agent]:
-    """Decorator: declare the step function as agent ``name`` (returns the :class:`Agent`).
+    """Decorator: declare the step function as agent ``name`` at ``version`` (returns
+    the :class:`Agent`; declare migrations from older versions with its ``.migrate``).
 
     >>> @agent("hello", input_schema={"type": "object"})
     ... def hello(ctx, state):
     ...     return ctx.done({"hello": "world"})
-    >>> hello.name
-    'hello'
+    >>> hello.name, hello.version
+    ('hello', '1')
     """
+    check_version(version)
 
     def wrap(step: StepFunction) -> Agent:
         return Agent(
@@ -198,6 +259,7 @@ def agent(
             input_schema=input_schema,
             step=step,
             description=description or (step.__doc__ or "").strip().split("\n")[0],
+            version=version,
         )
 
     return wrap

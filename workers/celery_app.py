@@ -8,16 +8,20 @@ Celery wiring (``app`` publishes through ``celery.current_app``). Tasks are decl
 
 from __future__ import annotations
 
+import os
 import ssl
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from celery import Celery, Task
+from celery.bootsteps import CLOSE, TERMINATE
+from celery.signals import worker_init, worker_shutdown
 from flask import Flask
 
 from app import api
+from app.engine import registry
 from app.settings import Settings, SettingsError
-from app.store import messages
+from app.store import fleet, messages
 from workers.beat import beat_schedule
 
 TASK_MODULES = ("tasks.steps", "tasks.webhooks", "tasks.sweeps")
@@ -120,3 +124,36 @@ def create_app(settings: Settings | None = None) -> Flask:
     flask_app = api.create_app(settings)
     celery_init_app(flask_app, flask_app.config["OUTLAST_SETTINGS"])
     return flask_app
+
+
+# --- steps routed by agent version (V2.md 7; ARCHITECTURE.md, "Routing by version") -------
+
+_heartbeats: dict[int, fleet.Heartbeat] = {}
+
+
+@worker_init.connect
+def _take_the_versions_this_worker_has(sender: Any, **_: object) -> None:
+    """A worker that runs steps consumes the queue of every agent version its registry
+    can run or migrate from, and advertises them (a heartbeat row) while it runs."""
+    queues = sender.app.amqp.queues
+    consuming = queues.consume_from
+    if consuming is not None and messages.STEPS_QUEUE not in consuming:
+        return  # a worker for webhooks or sweeps only takes no steps
+    handles = registry.handled()
+    for agent, version in handles:
+        queues.select_add(messages.step_queue(agent, version))
+    worker_id = f"{sender.hostname}/{os.getpid()}/{id(sender):x}"
+
+    def running() -> bool:
+        # An embedded worker (tests) may stop without sending worker_shutdown.
+        blueprint = getattr(sender, "blueprint", None)
+        return blueprint is None or blueprint.state not in (CLOSE, TERMINATE)
+
+    _heartbeats[id(sender)] = fleet.Heartbeat(worker_id, handles, running).start()
+
+
+@worker_shutdown.connect
+def _stop_advertising(sender: Any = None, **_: object) -> None:
+    heartbeat = _heartbeats.pop(id(sender), None)
+    if heartbeat is not None:
+        heartbeat.stop()

@@ -16,7 +16,13 @@ from app.ops import logs
 from app.ops import metrics as recorded_metrics
 from app.settings import Settings
 
-V1_BLUEPRINTS = ("app.api.tasks", "app.api.events", "app.api.deliveries", "app.api.usage")
+V1_BLUEPRINTS = (
+    "app.api.tasks",
+    "app.api.events",
+    "app.api.deliveries",
+    "app.api.usage",
+    "app.api.agents",
+)
 DOCS_ASSETS_PATH = "/docs/assets"
 
 

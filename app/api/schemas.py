@@ -17,6 +17,7 @@ from marshmallow import (
     Schema,
     ValidationError,
     fields,
+    post_load,
     validate,
     validates,
     validates_schema,
@@ -40,6 +41,7 @@ EVENT_TYPES = [
     "task.completed",
     "task.failed",
     "task.cancelled",
+    "task.migrated",
 ]
 
 
@@ -150,6 +152,17 @@ class CreateTaskRequest(Schema):
         if errors:
             # Already dotted ("input.message"); flattened as they are.
             raise ValidationError(errors)
+
+    @post_load
+    def _pin_agent_version(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
+        # V2.md 7: the task runs on the version this process registers (its newest),
+        # the one whose input schema was just checked.
+        from app.engine.registry import get_agent
+
+        agent = get_agent(data["agent"])
+        if agent is not None:
+            data["agent_version"] = agent.version
+        return data
 
 
 class SubmitInputRequest(Schema):
@@ -270,6 +283,9 @@ class TaskSchema(Schema):
         metadata={"description": "What the task spent: each completed call counted once."},
     )
     budget = fields.Nested(TaskBudgetSchema, required=True, allow_none=True)
+    agent_version = fields.String(
+        required=True, metadata={"description": "The agent version this task runs on."}
+    )
 
 
 class TaskPageSchema(Schema):
@@ -300,6 +316,8 @@ class StepListSchema(Schema):
 
 class EventDataSchema(Schema):
     task = fields.Nested(TaskSchema, required=True)
+    from_version = fields.String(metadata={"description": "task.migrated: the version left."})
+    to_version = fields.String(metadata={"description": "task.migrated: the version now run."})
 
 
 class EventSchema(Schema):
@@ -318,6 +336,31 @@ class EventPageSchema(Schema):
         allow_none=True,
         metadata={"description": "The last returned seq, to pass back as after; null at the end."},
     )
+
+
+class AgentVersionSchema(Schema):
+    version = fields.String(required=True)
+    input_schema = fields.Dict(
+        required=True,
+        allow_none=True,
+        metadata={"description": "null where the answering process lacks this version's code."},
+    )
+    tasks_in_flight = fields.Integer(
+        required=True, metadata={"description": "This tenant's tasks not yet terminal on it."}
+    )
+    workers = fields.Integer(
+        required=True,
+        metadata={"description": "Live workers that can run this version or migrate from it."},
+    )
+
+
+class AgentSchema(Schema):
+    name = fields.String(required=True)
+    versions = fields.List(fields.Nested(AgentVersionSchema), required=True)
+
+
+class AgentListSchema(Schema):
+    data = fields.List(fields.Nested(AgentSchema), required=True)
 
 
 class ProblemSchema(Schema):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from app.cli import admin, caller, server
+from app.cli import admin, agents, caller, server
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -13,5 +13,5 @@ def main() -> None:
     """Outlast: durable, checkpointed execution of long-running AI agent tasks."""
 
 
-for command in (*server.COMMANDS, *admin.COMMANDS, *caller.COMMANDS):
+for command in (*server.COMMANDS, *admin.COMMANDS, *agents.COMMANDS, *caller.COMMANDS):
     main.add_command(command)

@@ -10,6 +10,14 @@
    the status change, the events, and the outbox row of the next step (published right
    after the commit). A step whose fence fails is discarded.
 
+Versions (V2.md section 7): a step runs only with the code of the agent version its
+task is pinned to, or after that version's checkpoint is migrated to a newer version
+this process has (``task.migrated``, at the start of the step, under the lease). A
+process that can do neither takes nothing: the lease it took is rolled back (no status
+change, no attempt, no event) and the step's message is re-sent to its version's queue,
+which only workers that can take it consume. A migration that raises fails the task
+with ``agent_error`` naming it.
+
 Failures: the SDK's retryable errors and connection errors/timeouts re-run the step
 after an exponential backoff held in ``tasks.wake_at`` (no worker waits), at most
 ``OUTLAST_STEP_RETRIES`` times; anything else fails the task with ``agent_error``; a bad
@@ -32,9 +40,9 @@ from jsonschema.exceptions import SchemaError
 from sqlalchemy.engine import Connection, RowMapping
 
 from app import settings as settings_mod
+from app.engine import registry
 from app.engine.context import BudgetExhausted, StepContext, is_transient
 from app.engine.lease import LeaseKeeper
-from app.engine.registry import get_agent
 from app.ops import logs
 from app.store import budgets, db, db_errors, ids, lifecycle, outbox
 from outlast.backoff import Backoff
@@ -55,23 +63,44 @@ def retry_delay(retries_done: int, base: float = 1.0) -> float:
     return Backoff(base=base, cap=RETRY_BACKOFF_MAX_SECONDS).delay(retries_done + 1)
 
 
+class _NotRunnableHere(Exception):
+    """This process has no code for the task's agent version (rolls the lease back)."""
+
+    def __init__(self, agent: str, version: str):
+        super().__init__(f"{agent}@{version}")
+        self.agent = agent
+        self.version = version
+
+
 def run_step(task_id: str, step: int) -> str:
     """Run step ``step`` of ``task_id`` if this message is the one to run it.
 
     Returns what happened (for logs and tests): ``skipped`` (duplicate or stale
-    message), ``continued``, ``completed``, ``input_required``, ``sleeping``,
-    ``retrying``, ``failed``, ``discarded`` (the lease was lost before the commit).
+    message), ``rerouted`` (this process lacks the task's agent version: the message
+    went to that version's queue, nothing else changed), ``continued``, ``completed``,
+    ``input_required``, ``sleeping``, ``retrying``, ``failed``, ``discarded`` (the
+    lease was lost before the commit).
     """
     cfg = settings_mod.current()
     token = ids.new_token()
-    with db.transaction() as conn:
-        task = lifecycle.acquire_lease(conn, task_id, step, token, cfg.lease_seconds)
-        # The previous checkpoint never changes once written: read it on this connection.
-        state = _previous_state(conn, task_id, step) if task is not None else None
-    if task is None:
+    try:
+        with db.transaction() as conn:
+            task = lifecycle.acquire_lease(conn, task_id, step, token, cfg.lease_seconds)
+            plan = None
+            if task is not None:
+                plan = registry.resolve(task["agent"], task["agent_version"])
+                if plan is None:
+                    raise _NotRunnableHere(task["agent"], task["agent_version"])
+            # The previous checkpoint never changes once written (a migration rewrites
+            # it under the lease): read it on this connection.
+            state = _previous_state(conn, task_id, step) if task is not None else None
+    except _NotRunnableHere as missing:
+        return _leave_for_its_version(task_id, step, missing.agent, missing.version)
+    if task is None or plan is None:
         log.info("step %d of %s is not runnable by this message; dropped", step, task_id)
         return "skipped"
-    logs.bind(agent=task["agent"], attempt=task["attempt"])  # on every line of this step
+    # On every line of this step.
+    logs.bind(agent=task["agent"], agent_version=task["agent_version"], attempt=task["attempt"])
     started_at = datetime.now(UTC)
     deadline_at = task["deadline_at"]
     if deadline_at is not None and started_at >= deadline_at:
@@ -79,7 +108,7 @@ def run_step(task_id: str, step: int) -> str:
             lifecycle.fail_timeout(conn, task_id, token=token)
         return "failed"
     try:
-        return _run_leased(task, step, token, state, started_at, cfg)
+        return _run_leased(task, plan, step, token, state, started_at, cfg)
     except Exception as exc:
         # Whatever broke after the lease was taken, do not leave it to expire into
         # worker_lost: a database outage is retried by the Celery task (the reaper then
@@ -90,8 +119,76 @@ def run_step(task_id: str, step: int) -> str:
         return _finish_failed(task_id, token, "agent_error", _describe(exc))
 
 
+def _leave_for_its_version(task_id: str, step: int, agent: str, version: str) -> str:
+    """This process cannot take the step (it came through a queue other than its
+    version's: the legacy ``steps`` queue, or a version's queue it left by migrating):
+    send it to its version's queue, where it waits for a worker that has the code."""
+
+    def work() -> str:
+        with db.transaction() as conn:
+            still_waiting = conn.execute(
+                sa.text(
+                    "UPDATE tasks SET dispatched_at = now() WHERE id = :id AND step = :step "
+                    "AND status IN ('pending', 'working') AND lease_token IS NULL "
+                    "AND wake_at IS NULL RETURNING id"
+                ),
+                {"id": task_id, "step": step},
+            ).scalar()
+            if still_waiting is not None:
+                outbox.add_step(conn, task_id, step)
+        return "rerouted"
+
+    log.info(
+        "step %d of %s needs agent %s version %s, which this worker lacks: left for a "
+        "worker that has it",
+        step,
+        task_id,
+        agent,
+        version,
+    )
+    return _with_db_retries(work)
+
+
+def _migrate(
+    task: RowMapping, plan: registry.Plan, step: int, token: str, state: Any
+) -> tuple[str, Any]:
+    """Run the plan's migration on the previous checkpoint and commit it with the new
+    version (``task.migrated``). Returns ``("migrated", state)``, ``("failed", why)``
+    (the task must fail with that message) or ``("discarded", None)`` (lease lost)."""
+    name = plan.migration_name
+    where = f"the migration of agent {task['agent']!r} from version {plan.from_version} to "
+    where += f"{plan.agent.version} ({name})"
+    try:
+        migrated = plan.migration(state, task["input"] or {})
+    except Exception as exc:
+        log.exception("step %d of %s: %s raised", step, task["id"], where)
+        return "failed", f"{where} raised: {_describe(exc)}"
+    problem = _check_json(migrated, "state")
+    if problem is not None:
+        return "failed", f"{where} failed: {problem}"
+
+    def work() -> Any:
+        with db.transaction() as conn:
+            return lifecycle.migrate_version(
+                conn,
+                task["id"],
+                step,
+                token,
+                from_version=plan.from_version,
+                to_version=plan.agent.version,
+                state=migrated,
+            )
+
+    if _with_db_retries(work) is None:
+        return "discarded", None  # cancelled or reaped meanwhile
+    logs.bind(agent_version=plan.agent.version)
+    log.info("step %d of %s: %s done", step, task["id"], where)
+    return "migrated", migrated
+
+
 def _run_leased(
     task: RowMapping,
+    plan: registry.Plan,
     step: int,
     token: str,
     state: Any,
@@ -100,14 +197,7 @@ def _run_leased(
 ) -> str:
     task_id = task["id"]
     deadline_at = task["deadline_at"]
-    agent = get_agent(task["agent"])
-    if agent is None:
-        return _finish_failed(
-            task_id,
-            token,
-            "agent_error",
-            f"no agent named {task['agent']!r} is registered on this worker",
-        )
+    agent = plan.agent
     refused = budgets.refusal(budgets.STEP, task["budget"], task["usage"], step=step)
     if refused is not None:  # max_steps is checked before a step starts
         return _budget_exhausted(task_id, token, task["budget"], BudgetExhausted(*refused))
@@ -124,6 +214,12 @@ def _run_leased(
     )
     with keeper:
         try:
+            if plan.migration is not None:
+                migrated, state = _migrate(task, plan, step, token, state)
+                if migrated == "failed":
+                    return _finish_failed(task_id, token, "agent_error", state)
+                if migrated == "discarded":
+                    return "discarded"
             outcome = agent.step(ctx, state)
         except BudgetExhausted as exc:
             if keeper.lost.is_set():

@@ -126,10 +126,11 @@ def lost_after_seconds(cfg: settings_mod.Settings) -> float:
     return max(5.0, 3 * cfg.reaper_interval_seconds)
 
 
-def _queued_step_messages() -> int:
-    """Messages waiting in the ``steps`` queue (not counting ones a worker holds)."""
+def _queued_step_messages(queues: list[str]) -> dict[str, int]:
+    """Messages waiting in each of ``queues`` (not counting ones a worker holds)."""
     with celery_app.connection_for_read() as connection:
-        return connection.default_channel.queue_declare(queue=messages.STEPS_QUEUE).message_count
+        channel = connection.default_channel
+        return {q: channel.queue_declare(queue=q).message_count for q in queues}
 
 
 def redispatch_lost_messages(limit: int = BATCH) -> int:
@@ -137,54 +138,75 @@ def redispatch_lost_messages(limit: int = BATCH) -> int:
     seems lost (Redis flushed or restarted without persistence, a worker killed after it
     took the message but before it took the lease).
 
-    The flood guard: a task waiting behind other messages is not lost, it is queued. So
-    at most ``idle - queued`` messages are re-sent, where ``idle`` counts runnable tasks
-    without a lease, timer or outbox row, and ``queued`` is the length of the ``steps``
-    queue; the oldest-dispatched idle tasks go first (FIFO: their messages would have
-    been taken first). With every worker down for an hour the queue still holds one
-    message per idle task and nothing is re-sent; after a Redis flush everything idle
-    for :func:`lost_after_seconds` is re-sent once. Duplicates are fenced anyway.
+    The flood guard, per agent version (each has its own queue): a task waiting behind
+    other messages is not lost, it is queued. So for each ``(agent, version)`` at most
+    ``idle - queued`` messages are re-sent, where ``idle`` counts its runnable tasks
+    without a lease, timer or outbox row, and ``queued`` is the length of its queue
+    (messages still in the legacy ``steps`` queue count against the total); the
+    oldest-dispatched idle tasks go first (FIFO: their messages would have been taken
+    first). With every worker down for an hour, or a version that no worker has for
+    days, the queue still holds one message per idle task and nothing is re-sent; after
+    a Redis flush everything idle for :func:`lost_after_seconds` is re-sent once.
+    Duplicates are fenced anyway.
     """
     cfg = settings_mod.current()
     with db.transaction() as conn:
         idle = _count_idle(conn)
-        if idle == 0:
+        if not idle:
             return 0
+        queue_of = {pair: messages.step_queue(*pair) for pair in idle}
         try:
-            queued = _queued_step_messages()
+            queued = _queued_step_messages([messages.STEPS_QUEUE, *queue_of.values()])
         except Exception as exc:  # broker down: nothing can be sent anyway
             log.warning("lost-message sweep skipped: broker unavailable: %s", exc)
             return 0
-        missing = idle - queued
-        if missing <= 0:
-            return 0
-        rows = conn.execute(
-            sa.text(
-                "SELECT id, step FROM tasks t WHERE status IN ('pending', 'working') "
-                "AND lease_token IS NULL AND wake_at IS NULL "
-                "AND (dispatched_at IS NULL "
-                "     OR dispatched_at < now() - make_interval(secs => :after)) "
-                "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.task_id = t.id) "
-                "ORDER BY dispatched_at NULLS FIRST LIMIT :limit FOR UPDATE SKIP LOCKED"
-            ),
-            {"after": lost_after_seconds(cfg), "limit": min(limit, missing)},
-        ).all()
-        for task_id, step in rows:
-            conn.execute(
-                sa.text("UPDATE tasks SET dispatched_at = now() WHERE id = :id"), {"id": task_id}
-            )
-            outbox.add_step(conn, task_id, step)
-    return len(rows)
+        legacy = queued[messages.STEPS_QUEUE]  # not yet re-routed: counted once, in order
+        sent = 0
+        for pair, count in sorted(idle.items()):
+            missing = count - queued[queue_of[pair]]
+            covered = min(max(missing, 0), legacy)
+            legacy -= covered
+            missing -= covered
+            if missing <= 0 or sent >= limit:
+                continue
+            rows = conn.execute(
+                sa.text(
+                    "SELECT id, step FROM tasks t WHERE status IN ('pending', 'working') "
+                    "AND agent = :agent AND agent_version = :version "
+                    "AND lease_token IS NULL AND wake_at IS NULL "
+                    "AND (dispatched_at IS NULL "
+                    "     OR dispatched_at < now() - make_interval(secs => :after)) "
+                    "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.task_id = t.id) "
+                    "ORDER BY dispatched_at NULLS FIRST LIMIT :limit FOR UPDATE SKIP LOCKED"
+                ),
+                {
+                    "agent": pair[0],
+                    "version": pair[1],
+                    "after": lost_after_seconds(cfg),
+                    "limit": min(limit - sent, missing),
+                },
+            ).all()
+            for task_id, step in rows:
+                conn.execute(
+                    sa.text("UPDATE tasks SET dispatched_at = now() WHERE id = :id"),
+                    {"id": task_id},
+                )
+                outbox.add_step(conn, task_id, step)
+            sent += len(rows)
+    return sent
 
 
-def _count_idle(conn: Connection) -> int:
-    return conn.execute(
+def _count_idle(conn: Connection) -> dict[tuple[str, str], int]:
+    rows = conn.execute(
         sa.text(
-            "SELECT count(*) FROM tasks t WHERE status IN ('pending', 'working') "
+            "SELECT agent, agent_version, count(*) AS n FROM tasks t "
+            "WHERE status IN ('pending', 'working') "
             "AND lease_token IS NULL AND wake_at IS NULL "
-            "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.task_id = t.id)"
+            "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.task_id = t.id) "
+            "GROUP BY agent, agent_version"
         )
-    ).scalar_one()
+    ).all()
+    return {(r.agent, r.agent_version): int(r.n) for r in rows}
 
 
 # --- expiry and retention ---------------------------------------------------------------

@@ -8,7 +8,8 @@ Redis hashes (``HINCRBY``/``HINCRBYFLOAT``, atomic, one round trip), and ``GET
 /metrics`` reads them through a prometheus-client *custom collector*
 (``CounterMetricFamily``/``HistogramMetricFamily``) together with what is measured at
 scrape time: the queue depth per queue (``LLEN``), the broker's unacknowledged
-messages and the outbox backlog (PostgreSQL). Counters live as long as Redis does;
+messages, the outbox backlog and the tasks stranded on an agent version no live worker
+can take (PostgreSQL). Counters live as long as Redis does;
 losing Redis resets them, which Prometheus treats like a process restart.
 
 Recording never raises: a metric that cannot be written is dropped with a log line, so
@@ -42,7 +43,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from app.store import lifecycle, messages, outbox
+from app.store import db, fleet, lifecycle, messages, outbox
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +318,20 @@ class OutlastCollector:
 
     def _from_database(self) -> Iterable[Metric]:
         backlog = outbox.backlog()
+        with db.engine().connect() as conn:
+            in_flight = fleet.tasks_in_flight(conn)
+            workers = fleet.live_workers(conn)
+        lost = fleet.stranded(in_flight, workers)
+        stranded = GaugeMetricFamily(
+            "outlast_tasks_stranded",
+            "Tasks in flight on an agent version that no live worker can run or migrate "
+            "from (they wait, and run once such a worker starts).",
+            labels=("agent", "version"),
+        )
+        for agent, version in sorted(in_flight):
+            stranded.add_metric([agent, version], lost.get((agent, version), 0))
         return [
+            stranded,
             GaugeMetricFamily(
                 "outlast_outbox_backlog",
                 "Outbox messages written but not yet published to the broker.",

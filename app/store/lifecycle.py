@@ -56,6 +56,7 @@ class EventType(enum.StrEnum):
     COMPLETED = "task.completed"
     FAILED = "task.failed"
     CANCELLED = "task.cancelled"
+    MIGRATED = "task.migrated"  # V2.md 7: data.from_version, data.to_version
 
 
 # The terminal event of each terminal status: the last event a task ever gets.
@@ -100,15 +101,19 @@ def _statuses(statuses: frozenset[Status] | set[Status]) -> list[str]:
 
 
 def append_event(
-    conn: Connection, task: Mapping[str, Any], event_type: EventType
+    conn: Connection,
+    task: Mapping[str, Any],
+    event_type: EventType,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write the event whose seq the task row already carries (``last_seq``).
+    """Write the event whose seq the task row already carries (``last_seq``); its
+    ``data`` is ``{"task": …}`` plus ``extra``.
 
     Creates a webhook delivery in the same transaction when the event is one that
     webhooks carry and the task has a ``webhook_url``.
     """
     event_id = ids.new_id("evt")
-    data = {"task": task_json(task)}
+    data = {**(extra or {}), "task": task_json(task)}
     row = (
         conn.execute(
             sa.text(
@@ -176,14 +181,17 @@ def create(
     idempotency_key: str | None,
     task_id: str | None = None,
     budget: Mapping[str, Any] | None = None,
+    agent_version: str = "1",
 ) -> RowMapping:
-    """Insert a ``pending`` task and its ``task.created`` event (seq 1)."""
+    """Insert a ``pending`` task pinned to ``agent_version`` and its ``task.created``
+    event (seq 1)."""
     row = (
         conn.execute(
             sa.text(
-                "INSERT INTO tasks (id, tenant_id, agent, status, input, metadata, webhook_url, "
-                "timeout_seconds, deadline_at, idempotency_key, last_seq, dispatched_at, budget) "
-                "VALUES (:id, :tenant_id, :agent, 'pending', CAST(:input AS jsonb), "
+                "INSERT INTO tasks (id, tenant_id, agent, agent_version, status, input, "
+                "metadata, webhook_url, timeout_seconds, deadline_at, idempotency_key, "
+                "last_seq, dispatched_at, budget) "
+                "VALUES (:id, :tenant_id, :agent, :agent_version, 'pending', CAST(:input AS jsonb), "
                 "CAST(:metadata AS jsonb), :webhook_url, :timeout, "
                 "CASE WHEN CAST(:timeout AS integer) IS NULL THEN NULL "
                 "ELSE now() + make_interval(secs => CAST(:timeout AS integer)) END, "
@@ -193,6 +201,7 @@ def create(
                 "id": task_id or ids.new_id("tsk"),
                 "tenant_id": tenant_id,
                 "agent": agent,
+                "agent_version": agent_version,
                 "input": json.dumps(input),
                 "metadata": json.dumps(metadata),
                 "webhook_url": webhook_url,
@@ -267,6 +276,52 @@ def report_progress(
     )
     if row is not None:
         append_event(conn, row, EventType.PROGRESS)
+    return row
+
+
+def migrate_version(
+    conn: Connection,
+    task_id: str,
+    step: int,
+    token: str,
+    *,
+    from_version: str,
+    to_version: str,
+    state: Any,
+) -> RowMapping | None:
+    """Move a leased task from ``from_version`` to ``to_version`` at the start of step
+    ``step`` (``task.migrated`` with ``data.from_version``/``data.to_version``); the
+    previous checkpoint is replaced by its migrated ``state``, so a re-run of the step
+    reads what the new code reads. Fenced on (task, step, lease token, version)."""
+    row = _update(
+        conn,
+        task_id,
+        "agent_version = :to_version",
+        allowed={Status.WORKING},
+        where_sql="AND step = :step AND lease_token = :token AND agent_version = :from_version",
+        params={
+            "step": step,
+            "token": token,
+            "from_version": from_version,
+            "to_version": to_version,
+        },
+    )
+    if row is None:
+        return None
+    if step > 0:
+        conn.execute(
+            sa.text(
+                "UPDATE checkpoints SET state = CAST(:state AS jsonb) "
+                "WHERE task_id = :task_id AND step_index = :step"
+            ),
+            {"task_id": task_id, "step": step - 1, "state": json.dumps(state)},
+        )
+    append_event(
+        conn,
+        row,
+        EventType.MIGRATED,
+        {"from_version": from_version, "to_version": to_version},
+    )
     return row
 
 

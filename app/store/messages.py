@@ -4,6 +4,13 @@ The outbox writes messages under these names, ``tasks/`` declares its Celery tas
 with them, and ``workers/`` routes and schedules them. Agent steps, webhook sends and
 maintenance sweeps each get their own queue, so a slow receiver or a long sweep never
 starves agents.
+
+Steps are routed by agent version (V2.md section 7): the step of a task pinned to
+``(agent, version)`` goes to its own queue, :func:`step_queue`, which only workers that
+can run or migrate from that version consume (they subscribe from their registry at
+start). A step no running worker can take waits in its queue, untouched, until one
+starts. ``steps`` is still consumed by every step worker: messages published there by
+code older than the routing are run or re-routed to their version's queue.
 """
 
 from __future__ import annotations
@@ -14,6 +21,15 @@ STEPS_QUEUE = "steps"
 WEBHOOKS_QUEUE = "webhooks"
 MAINTENANCE_QUEUE = "maintenance"
 QUEUES = (STEPS_QUEUE, WEBHOOKS_QUEUE, MAINTENANCE_QUEUE)
+
+# Prefix of the per-version step queues: ``steps:<agent>@<version>``.
+STEP_QUEUE_PREFIX = STEPS_QUEUE + ":"
+
+
+def step_queue(agent: str, version: str) -> str:
+    """The queue of steps of tasks pinned to ``agent`` at ``version``."""
+    return f"{STEP_QUEUE_PREFIX}{agent}@{version}"
+
 
 RUN_STEP = "outlast.run_step"
 # A step's soft time limit fails it; the hard limit kills the pool child (the lease then
@@ -39,10 +55,13 @@ ROUTES = {
 }
 
 
-def message_labels(task_name: str, args: list[Any], agent: str | None) -> dict[str, str]:
+def message_labels(
+    task_name: str, args: list[Any], agent: str | None, version: str | None = None
+) -> dict[str, str]:
     """Publish options that make a step readable in Flower: the name says which agent
-    (``outlast.run_step[echo]``, bounded, so Flower's per-name counts stay useful) and the
-    args which task and step. The worker still runs ``outlast.run_step``."""
+    and version (``outlast.run_step[echo@1]``, bounded, so Flower's per-name counts stay
+    useful) and the args which task and step. The worker still runs ``outlast.run_step``."""
     if task_name == RUN_STEP and agent and len(args) >= 2:
-        return {"shadow": f"{task_name}[{agent}]", "argsrepr": f"task {args[0]} step {args[1]}"}
+        label = f"{agent}@{version}" if version else agent
+        return {"shadow": f"{task_name}[{label}]", "argsrepr": f"task {args[0]} step {args[1]}"}
     return {}

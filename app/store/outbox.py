@@ -5,6 +5,11 @@ row in the same transaction. After the commit (:func:`app.store.db.after_commit`
 batch is sent and its rows deleted; if the broker is down or the process dies first,
 the beat's relay (:func:`relay_due`) sends them later. A message may therefore be sent
 twice, never zero times: the step runner's fencing makes a duplicate harmless.
+
+A step message is routed when it is sent: to the queue of the agent version its task is
+pinned to then (:func:`app.store.messages.step_queue`), read from the task row in the
+same statement that reads the row, so a task migrated to a new version has its next
+step sent to the new version's queue.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class PendingMessage(NamedTuple):
     queue: str
     args: list[Any]
     agent: str | None = None  # the task's agent, for a readable name in Flower
+    version: str | None = None  # the task's agent version: the step's queue
 
 
 def add(
@@ -49,11 +55,12 @@ def add(
     must come from :func:`app.store.db.transaction`)."""
     tx = db.state(conn)
     args = list(args)
-    outbox_id, agent = conn.execute(
+    outbox_id, agent, version = conn.execute(
         sa.text(
             "INSERT INTO outbox (task_name, queue, args, task_id) "
             "VALUES (:name, :queue, CAST(:args AS jsonb), :task_id) "
-            "RETURNING id, (SELECT agent FROM tasks WHERE tasks.id = outbox.task_id)"
+            "RETURNING id, (SELECT agent FROM tasks WHERE tasks.id = outbox.task_id), "
+            "(SELECT agent_version FROM tasks WHERE tasks.id = outbox.task_id)"
         ),
         {"name": task_name, "queue": queue, "args": json.dumps(args), "task_id": task_id},
     ).one()
@@ -61,7 +68,7 @@ def add(
     if batch is None:
         batch = tx.data[_BATCH_KEY] = []
         db.after_commit(conn, publish, batch)
-    batch.append(PendingMessage(outbox_id, task_name, queue, args, agent))
+    batch.append(PendingMessage(outbox_id, task_name, queue, args, agent, version))
     return outbox_id
 
 
@@ -77,15 +84,28 @@ def add_delivery(conn: Connection, delivery_id: str) -> int:
     return add(conn, messages.DELIVER_WEBHOOK, [delivery_id], queue=messages.WEBHOOKS_QUEUE)
 
 
-def _send(task_name: str, queue: str, args: list[Any], agent: str | None = None) -> None:
+def route(task_name: str, queue: str, agent: str | None, version: str | None) -> str:
+    """The queue a message goes to: a step to its agent version's queue."""
+    if task_name == messages.RUN_STEP and agent and version:
+        return messages.step_queue(agent, version)
+    return queue
+
+
+def _send(
+    task_name: str,
+    queue: str,
+    args: list[Any],
+    agent: str | None = None,
+    version: str | None = None,
+) -> None:
     # ignore_result: no result-backend subscription per message (it would leak in the web
     # process, and with Redis down it retries for ~20 s before the publish even starts).
     celery_app.send_task(
         task_name,
         args=args,
-        queue=queue,
+        queue=route(task_name, queue, agent, version),
         ignore_result=True,
-        **messages.message_labels(task_name, args, agent),
+        **messages.message_labels(task_name, args, agent, version),
     )
 
 
@@ -98,7 +118,7 @@ def publish(batch: Iterable[PendingMessage]) -> int:
     sent: list[int] = []
     for message in batch:
         try:
-            _send(message.task_name, message.queue, message.args, message.agent)
+            _send(message.task_name, message.queue, message.args, message.agent, message.version)
         except Exception as exc:  # broker down: the relay retries
             log.warning("outbox publish deferred to the relay: %s", exc)
             break
@@ -118,17 +138,17 @@ def relay_due(limit: int = 500) -> int:
     with db.transaction() as conn:
         rows = conn.execute(
             sa.text(
-                "SELECT id, task_name, queue, args, "
-                "(SELECT agent FROM tasks WHERE tasks.id = outbox.task_id) AS agent FROM outbox "
-                "WHERE created_at < now() - make_interval(secs => :grace) "
-                "ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED"
+                "SELECT o.id, o.task_name, o.queue, o.args, t.agent, t.agent_version "
+                "FROM outbox o LEFT JOIN tasks t ON t.id = o.task_id "
+                "WHERE o.created_at < now() - make_interval(secs => :grace) "
+                "ORDER BY o.id LIMIT :limit FOR UPDATE OF o SKIP LOCKED"
             ),
             {"grace": RELAY_GRACE_SECONDS, "limit": limit},
         ).all()
         sent = []
         for row in rows:
             try:
-                _send(row.task_name, row.queue, row.args, row.agent)
+                _send(row.task_name, row.queue, row.args, row.agent, row.agent_version)
             except Exception as exc:
                 log.warning("outbox relay: broker unavailable, %d rows wait: %s", len(rows), exc)
                 break

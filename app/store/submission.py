@@ -131,6 +131,8 @@ def submit(
                 timeout_seconds=task.get("timeout_seconds"),
                 idempotency_key=idempotency_key,
                 budget=budgets.normalized(task.get("budget")),
+                # The version this process registers (the API pinned it when validating).
+                agent_version=task.get("agent_version", "1"),
             )
             if idempotency_key is not None:
                 conn.execute(
