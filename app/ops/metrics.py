@@ -285,6 +285,9 @@ class OutlastCollector:
 
     def _from_redis(self) -> Iterable[Metric]:
         client = _redis()
+        # Steps wait in one queue per agent version (messages.step_queue); the "steps"
+        # depth is all of them together (their priority lists included).
+        version_queues = sorted(client.scan_iter(match=messages.STEP_QUEUE_PREFIX + "*", count=500))
         pipe = client.pipeline(transaction=False)
         for definition in DEFINITIONS:
             pipe.hgetall(definition.key)
@@ -292,7 +295,11 @@ class OutlastCollector:
             for priority in _KOMBU_PRIORITY_STEPS:
                 pipe.llen(f"{queue}{_KOMBU_PRIORITY_SEP}{priority}" if priority else queue)
         pipe.hlen(_KOMBU_UNACKED)
+        for key in version_queues:
+            pipe.llen(key)
         results = pipe.execute()
+        version_depth = sum(results[len(results) - len(version_queues) :]) if version_queues else 0
+        results = results[: len(results) - len(version_queues)]
         metrics: list[Metric] = []
         for definition, raw in zip(DEFINITIONS, results, strict=False):
             build = _histogram if definition.kind == "histogram" else _counter
@@ -305,7 +312,10 @@ class OutlastCollector:
         lengths = results[len(DEFINITIONS) :]
         per_queue = len(_KOMBU_PRIORITY_STEPS)
         for i, queue in enumerate(messages.QUEUES):
-            depth.add_metric([queue], sum(lengths[i * per_queue : (i + 1) * per_queue]))
+            waiting = sum(lengths[i * per_queue : (i + 1) * per_queue])
+            if queue == messages.STEPS_QUEUE:
+                waiting += version_depth
+            depth.add_metric([queue], waiting)
         metrics.append(depth)
         metrics.append(
             GaugeMetricFamily(

@@ -8,13 +8,30 @@ import threading
 import redis as redis_lib
 
 from app.engine import sweeps
-from app.store import db, ids, lifecycle
+from app.store import db, ids, lifecycle, messages, outbox
+
+
+def step_queue_keys(client) -> list[bytes]:
+    """The legacy ``steps`` queue and every per-version step queue (``steps:*``)."""
+    return [k for k in client.scan_iter(match="steps*") if not k.startswith(b"steps\x06")]
 
 
 def queued_steps(redis_url: str) -> int:
+    """Step messages waiting, in every step queue."""
     client = redis_lib.Redis.from_url(redis_url)
     try:
-        return client.llen("steps")
+        return sum(client.llen(k) for k in step_queue_keys(client))
+    finally:
+        client.close()
+
+
+def lose_step_messages(redis_url: str, queue: str | None = None) -> None:
+    """What a Redis flush does to the step queues (all, or only ``queue``)."""
+    client = redis_lib.Redis.from_url(redis_url)
+    try:
+        keys = [queue] if queue else step_queue_keys(client)
+        if keys:
+            client.delete(*keys)
     finally:
         client.close()
 
@@ -94,7 +111,7 @@ def test_lost_message_sweep_resends_only_what_the_queue_lacks(flask_app, tasks, 
     assert queued_steps(redis_url) == 5
 
     # When Redis loses the messages
-    redis_lib.Redis.from_url(redis_url).delete("steps")
+    lose_step_messages(redis_url)
 
     # Then each task gets one new message, and a second sweep adds none
     assert sweeps.redispatch_lost_messages() == 5
@@ -105,9 +122,43 @@ def test_lost_message_sweep_resends_only_what_the_queue_lacks(flask_app, tasks, 
     assert len(task_ids) == 5
 
 
+def test_lost_message_sweep_counts_each_agent_version_against_its_own_queue(
+    flask_app, tasks, redis_url
+):
+    # Given: tasks of two versions waiting, each queue holding one message per task
+    # (version 2 has no worker at all: its queue fills and stays, for days if need be)
+    v1 = [tasks.submit("echo", {"message": str(i)}) for i in range(3)]
+    v2 = [tasks.submit("echo", {"message": str(i)}) for i in range(2)]
+    tasks.scalar("UPDATE tasks SET agent_version = '2' WHERE id = ANY(:ids) RETURNING 1", ids=v2)
+    lose_step_messages(redis_url)
+    for task_id in v2:  # the outbox routes by the version the task is on now
+        with db.transaction() as conn:
+            outbox.add_step(conn, task_id, 0)
+    with db.transaction() as conn:
+        outbox.add_step(conn, v1[0], 0)
+    tasks.scalar("UPDATE tasks SET dispatched_at = now() - interval '1 hour' RETURNING 1")
+    client = redis_lib.Redis.from_url(redis_url)
+    assert client.llen(messages.step_queue("echo", "2")) == 2
+    assert client.llen(messages.step_queue("echo", "1")) == 1
+
+    # Then only the two v1 messages that are missing are re-sent, to version 1's queue
+    assert sweeps.redispatch_lost_messages() == 2
+    assert client.llen(messages.step_queue("echo", "1")) == 3
+    assert client.llen(messages.step_queue("echo", "2")) == 2
+
+    # And a message still in the legacy steps queue counts as queued: nothing is re-sent
+    lose_step_messages(redis_url, messages.step_queue("echo", "1"))
+    for task_id in v1:
+        outbox.publish([outbox.PendingMessage(0, messages.RUN_STEP, "steps", [task_id, 0])])
+    tasks.scalar("UPDATE tasks SET dispatched_at = now() - interval '1 hour' RETURNING 1")
+    assert client.llen("steps") == 3
+    assert sweeps.redispatch_lost_messages() == 0
+    client.close()
+
+
 def test_recently_dispatched_tasks_are_not_counted_lost(flask_app, tasks, redis_url):
     tasks.submit("echo", {"message": "fresh"})
-    redis_lib.Redis.from_url(redis_url).delete("steps")
+    lose_step_messages(redis_url)
 
     assert sweeps.redispatch_lost_messages() == 0  # younger than lost_after_seconds
 

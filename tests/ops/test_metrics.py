@@ -162,3 +162,35 @@ def test_scrape_still_answers_when_redis_is_unreachable(client, settings):
 
     assert sample(text, "outlast_metrics_source_up", source="redis") == 0
     assert sample(text, "outlast_metrics_source_up", source="database") == 1
+
+
+def test_tasks_stranded_counts_tasks_no_live_worker_can_take_per_version(client, tenant):
+    # Given: echo tasks on versions 1 and 2 and a live worker for version 1 only
+    from app.store import fleet
+
+    for version in ("1", "2", "2"):
+        with db.transaction() as conn:
+            lifecycle.create(
+                conn,
+                tenant_id=tenant.tenant_id,
+                agent="echo",
+                input={},
+                metadata={},
+                webhook_url=None,
+                timeout_seconds=None,
+                idempotency_key=None,
+                agent_version=version,
+            )
+    with db.transaction() as conn:
+        fleet.beat(conn, "w1", [("echo", "1")], 30)
+
+    text = _scrape(client)
+
+    # Then version 2's tasks are stranded, version 1's are not
+    assert sample(text, "outlast_tasks_stranded", agent="echo", version="2") == 2
+    assert sample(text, "outlast_tasks_stranded", agent="echo", version="1") == 0
+
+    # When the worker goes away, version 1's task is stranded too
+    with db.transaction() as conn:
+        fleet.forget(conn, "w1")
+    assert sample(_scrape(client), "outlast_tasks_stranded", agent="echo", version="1") == 1
