@@ -6,8 +6,10 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 from app import settings as settings_mod
-from app.engine import sweeps
+from app.engine import registry, sweeps
 from tests.engine.servers import LocalServer, json_answer
 from tests.harness import wait_until
 
@@ -22,13 +24,22 @@ def example_module_source() -> str:
     return source
 
 
-def test_docs_example_agent_greets_everyone_once_despite_a_failing_service(
-    celery_worker, tasks, settings, tmp_path, monkeypatch
-):
-    # Given the example saved as greeter_agents.py and named in OUTLAST_AGENTS
+@pytest.fixture
+def greeter_agents(settings, tmp_path, monkeypatch):
+    """The example saved as greeter_agents.py and named in OUTLAST_AGENTS, registered
+    before the worker starts (a worker takes the steps of the versions it has then)."""
     (tmp_path / "greeter_agents.py").write_text(example_module_source())
     monkeypatch.syspath_prepend(str(tmp_path))
     settings_mod.configure(settings.replace(agents=(*settings.agents, "greeter_agents")))
+    registry.load()
+    yield
+    sys.modules.pop("greeter_agents", None)
+
+
+def test_docs_example_agent_greets_everyone_once_despite_a_failing_service(
+    greeter_agents, celery_worker, tasks
+):
+    # Given the example saved as greeter_agents.py and named in OUTLAST_AGENTS
 
     # And a greeting service that fails once, then remembers greetings by key
     greetings: dict[str, str] = {}
@@ -52,7 +63,6 @@ def test_docs_example_agent_greets_everyone_once_despite_a_failing_service(
         wait_until(completed, 30, interval=0.2, what="greeter completed")
     finally:
         service.close()
-        sys.modules.pop("greeter_agents", None)
 
     task = tasks.get(task_id)
     assert task["result"] == {"greetings": ["greeting-1", "greeting-2", "greeting-3"]}

@@ -66,7 +66,7 @@ def test_flower_shows_each_finished_step_by_agent_and_step(flower, finished_echo
 
     steps = wait_until(steps_in_flower, 30, interval=0.3, what="both steps in Flower")
 
-    assert {t["name"] for t in steps} == {"outlast.run_step[echo]"}
+    assert {t["name"] for t in steps} == {"outlast.run_step[echo@1]"}  # agent and version
     assert sorted(t["args"] for t in steps) == [f"task {task_id} step 0", f"task {task_id} step 1"]
     assert all(t["worker"] and t["runtime"] is not None for t in steps)
     assert sorted(t["result"] for t in steps) == ["'completed'", "'continued'"]
@@ -126,7 +126,9 @@ def test_worker_lines_name_the_task_step_agent_and_attempt(ops_stack, finished_e
     steps_logged = {x["step"] for x in lines}
     assert steps_logged == {0, 1}
     assert all(
-        x["agent"] == "echo" and x["attempt"] == 1 for x in lines if "succeeded" in x["message"]
+        x["agent"] == "echo" and x["agent_version"] == "1" and x["attempt"] == 1
+        for x in lines
+        if "succeeded" in x["message"]
     )
     assert len([x for x in lines if "succeeded" in x["message"]]) == 2
 
