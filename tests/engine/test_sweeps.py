@@ -3,6 +3,7 @@ rows and messages a sweep leaves behind)."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import redis as redis_lib
@@ -189,3 +190,31 @@ def test_expired_keys_and_old_terminal_tasks_are_purged(settings, tasks, tenant)
     remaining = {r["id"] for r in tasks.rows("SELECT id FROM tasks")}
     assert remaining == {recent_done, old_active}
     assert [r["key"] for r in tasks.rows("SELECT key FROM idempotency_keys")] == ["kept"]
+
+
+def test_the_outbox_relay_sends_a_step_to_its_versions_queue_named_for_flower(
+    flask_app, tasks, redis_url
+):
+    # Given a step whose fast-path publish never happened, for a task on version 2
+    task_id = tasks.submit("echo", {"message": "late"})
+    lose_step_messages(redis_url)
+    tasks.scalar("UPDATE tasks SET agent_version = '2' WHERE id = :id RETURNING 1", id=task_id)
+    tasks.scalar(
+        "INSERT INTO outbox (task_name, queue, args, task_id, created_at) VALUES "
+        "('outlast.run_step', 'steps', CAST(:args AS jsonb), :id, now() - interval '1 minute') "
+        "RETURNING 1",
+        args=f'["{task_id}", 0]',
+        id=task_id,
+    )
+
+    # When the relay runs
+    assert outbox.relay_due() == 1
+
+    # Then the message is in version 2's queue, named with the agent and version
+    client = redis_lib.Redis.from_url(redis_url)
+    raw = client.lrange(messages.step_queue("echo", "2"), 0, -1)
+    client.close()
+    assert len(raw) == 1
+    headers = json.loads(raw[0])["headers"]
+    assert headers["shadow"] == "outlast.run_step[echo@2]"
+    assert headers["argsrepr"] == f"task {task_id} step 0"
