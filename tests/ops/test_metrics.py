@@ -194,3 +194,26 @@ def test_tasks_stranded_counts_tasks_no_live_worker_can_take_per_version(client,
     with db.transaction() as conn:
         fleet.forget(conn, "w1")
     assert sample(_scrape(client), "outlast_tasks_stranded", agent="echo", version="1") == 1
+
+
+def test_steps_queue_depth_counts_every_agent_versions_queue(client, flask_app, tenant):
+    # Given step messages for two versions (no worker consumes here)
+    from app.store import outbox
+
+    for version in ("1", "2"):
+        with db.transaction() as conn:
+            row = lifecycle.create(
+                conn,
+                tenant_id=tenant.tenant_id,
+                agent="echo",
+                input={},
+                metadata={},
+                webhook_url=None,
+                timeout_seconds=None,
+                idempotency_key=None,
+                agent_version=version,
+            )
+            outbox.add_step(conn, row["id"], 0)
+
+    # Then the steps depth is both version queues together
+    assert sample(_scrape(client), "outlast_queue_depth", queue="steps") == 2
