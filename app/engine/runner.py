@@ -138,6 +138,7 @@ def _leave_for_its_version(task_id: str, step: int, agent: str, version: str) ->
                 outbox.add_step(conn, task_id, step)
         return "rerouted"
 
+    logs.bind(agent=agent, agent_version=version)
     log.info(
         "step %d of %s needs agent %s version %s, which this worker lacks: left for a "
         "worker that has it",
@@ -152,14 +153,15 @@ def _leave_for_its_version(task_id: str, step: int, agent: str, version: str) ->
 def _migrate(
     task: RowMapping, plan: registry.Plan, step: int, token: str, state: Any
 ) -> tuple[str, Any]:
-    """Run the plan's migration on the previous checkpoint and commit it with the new
-    version (``task.migrated``). Returns ``("migrated", state)``, ``("failed", why)``
+    """Run the plan's migration on the previous checkpoint (there is none before step
+    0) and commit it with the new version (``task.migrated``). Returns ``("migrated", state)``, ``("failed", why)``
     (the task must fail with that message) or ``("discarded", None)`` (lease lost)."""
     name = plan.migration_name
     where = f"the migration of agent {task['agent']!r} from version {plan.from_version} to "
     where += f"{plan.agent.version} ({name})"
     try:
-        migrated = plan.migration(state, task["input"] or {})
+        # A task that has not run a step yet has no checkpoint to migrate.
+        migrated = plan.migration(state, task["input"] or {}) if step > 0 else None
     except Exception as exc:
         log.exception("step %d of %s: %s raised", step, task["id"], where)
         return "failed", f"{where} raised: {_describe(exc)}"

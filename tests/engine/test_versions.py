@@ -278,6 +278,17 @@ def test_a_deploy_never_runs_a_checkpoint_on_code_that_cannot_read_it(
     )
     assert tasks.wait_status(fresh["id"], "completed", 30)["result"]["ran_on"] == "2"
 
+    # And a crate task of version 1 that had not started yet (no checkpoint) moves to
+    # version 2 at its first step without a call to the migration
+    unstarted = tasks.submit("crate", {"item": "late"})
+    tasks.wait_status(unstarted, "input_required", 30)
+    assert tasks.event_types(unstarted)[:3] == ["task.created", "task.started", "task.migrated"]
+    requests.post(
+        f"{api}/tasks/{unstarted}/input", json={"input": {"ok": True}}, headers=auth, timeout=10
+    )
+    late = tasks.wait_status(unstarted, "completed", 30)
+    assert (late["agent_version"], late["result"]) == ("2", {"ran_on": "2", "items": ["late"]})
+
     # When version 1 comes back (with a compatible change: its version is still "1")
     start_worker(stack, v1_compatible)
 
