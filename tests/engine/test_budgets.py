@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from app.engine.tools import call_key
 
 ASK_SCHEMA = {
@@ -144,14 +146,22 @@ def test_budget_is_checked_at_submission(client, auth):
     assert submit(client, auth, "echo", {"message": "x"}, {})["budget"] == {"on_exhausted": "fail"}
 
 
-def test_a_refusal_stands_even_when_the_agent_catches_it(
-    celery_worker, client, auth, tasks, ledger, settings
-):
+@pytest.fixture
+def budget_agents(settings):
+    """tests.engine.budget_agents registered before the worker starts (a worker takes
+    the steps of the agent versions its registry has when it starts)."""
     from app import settings as settings_mod
+    from app.engine import registry
 
     settings_mod.configure(
         settings.replace(agents=(*settings.agents, "tests.engine.budget_agents"))
     )
+    registry.load()
+
+
+def test_a_refusal_stands_even_when_the_agent_catches_it(
+    budget_agents, celery_worker, client, auth, tasks, ledger
+):
     task = submit(
         client, auth, "test_swallows_refusals", {"url": ledger.url}, {"max_tool_calls": 1}
     )
