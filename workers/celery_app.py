@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from celery import Celery, Task
+from celery.app.amqp import AMQP
 from celery.bootsteps import CLOSE, TERMINATE
 from celery.signals import worker_init, worker_shutdown
 from flask import Flask
@@ -104,6 +105,24 @@ def redis_ssl_cert_reqs(redis_url: str) -> ssl.VerifyMode:
     return _CERT_REQS[key]
 
 
+class ShadowNamedAMQP(AMQP):
+    """Celery's message builder, with the ``task-sent`` event carrying the shadow name.
+
+    Celery names a sent event after the real task (``outlast.run_step``) even when the
+    message has a shadow name (``outlast.run_step[echo@1]``); its event state lets a
+    ``task-sent`` that arrives after ``task-received`` overwrite the name, so Flower
+    showed some steps without their agent (a step sent by a pool child, whose events
+    are flushed later). The sent event now names what the worker's events name.
+    """
+
+    def as_task_v2(self, *args, **kwargs):
+        message = super().as_task_v2(*args, **kwargs)
+        shadow = message.headers.get("shadow")
+        if shadow and message.sent_event is not None:
+            message.sent_event["name"] = shadow
+        return message
+
+
 def celery_init_app(flask_app: Flask, settings: Settings) -> Celery:
     """Create the Celery app for ``flask_app`` and make it the default app."""
 
@@ -112,7 +131,7 @@ def celery_init_app(flask_app: Flask, settings: Settings) -> Celery:
             with flask_app.app_context():
                 return self.run(*args, **kwargs)
 
-    celery_app = Celery(flask_app.name, task_cls=FlaskTask)
+    celery_app = Celery(flask_app.name, task_cls=FlaskTask, amqp=ShadowNamedAMQP)
     celery_app.config_from_object(celery_config(settings))
     celery_app.set_default()
     flask_app.extensions["celery"] = celery_app
