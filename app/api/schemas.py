@@ -298,8 +298,16 @@ class StepListSchema(Schema):
     data = fields.List(fields.Nested(StepSchema), required=True)
 
 
+class EventTaskSchema(TaskSchema):
+    """The task as events and webhooks carry it: without ``input`` (V2.md 8), which is
+    in GET /v1/tasks/{id}."""
+
+    class Meta:
+        exclude = ("input",)
+
+
 class EventDataSchema(Schema):
-    task = fields.Nested(TaskSchema, required=True)
+    task = fields.Nested(EventTaskSchema, required=True)
 
 
 class EventSchema(Schema):
