@@ -39,7 +39,7 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else (shutil.which(name) or name)
 
 
-GUNICORN_CONFIG = "python:app.cli.gunicorn_conf"
+GUNICORN_CONFIG = "python:workers.gunicorn_conf"
 
 
 def web_argv(cfg: settings.Settings) -> list[str]:

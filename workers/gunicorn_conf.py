@@ -1,4 +1,4 @@
-"""gunicorn hooks of ``outlast web`` (``gunicorn -c python:app.cli.gunicorn_conf``).
+"""gunicorn hooks of ``outlast web`` (``gunicorn -c python:workers.gunicorn_conf``).
 
 Under the gevent worker class every request is a greenlet; psycopg2 is a C extension
 that gevent's monkey-patching cannot reach, so without psycogreen's wait callback one
