@@ -62,14 +62,12 @@ class _Redis:
         self._lock = threading.Lock()
         self._key: tuple[int, str] | None = None
         self._storage: Any = None
-        self._down_until = 0.0
+        self._down_until: dict[str, float] = {}  # per URL: a new REDIS_URL is tried at once
 
     def storage(self) -> Any | None:
         """The ``limits`` Redis storage, or ``None`` while Redis is considered down."""
-        if time.monotonic() < self._down_until:
-            return None
         url = settings_mod.current().redis_url
-        if not url:
+        if not url or time.monotonic() < self._down_until.get(url, 0.0):
             return None
         key = (os.getpid(), url)
         if self._key != key:
@@ -92,7 +90,8 @@ class _Redis:
         return None if storage is None else storage.get_connection()
 
     def failed(self, what: str, exc: BaseException) -> None:
-        self._down_until = time.monotonic() + REDIS_RETRY_SECONDS
+        url = settings_mod.current().redis_url or ""
+        self._down_until[url] = time.monotonic() + REDIS_RETRY_SECONDS
         log.warning("%s not enforced (Redis unreachable): %s", what, exc)
 
 
