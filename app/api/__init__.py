@@ -88,6 +88,17 @@ def _document_rate_limits(api: Api) -> None:
             "headers": RATE_LIMIT_HEADERS,
         },
     )
+    # OpenAPI links from a submitted task to what can be done with it (clients and
+    # schemathesis' stateful runs follow them).
+    submitted = api.spec._paths.get("/v1/tasks", {}).get("post", {}).get("responses", {})
+    accepted = submitted.get("202")
+    if isinstance(accepted, dict):
+        task_id = {"task_id": "$response.body#/id"}
+        accepted["links"] = {
+            operation_id: {"operationId": operation_id, "parameters": task_id}
+            for name, operation_id in _operation_ids(api).items()
+            if name.startswith("/v1/tasks/{task_id}")
+        }
     for path, operations in api.spec._paths.items():
         if not path.startswith("/v1/"):
             continue
@@ -96,6 +107,20 @@ def _document_rate_limits(api: Api) -> None:
                 operation["responses"].setdefault(
                     "429", {"$ref": "#/components/responses/RATE_LIMITED"}
                 )
+
+
+def _operation_ids(api: Api) -> dict[str, str]:
+    """``{"path method": operationId}`` of the /v1 operations, ids set where missing."""
+    ids = {}
+    for path, operations in api.spec._paths.items():
+        for method, operation in operations.items():
+            if path.startswith("/v1/") and isinstance(operation, dict):
+                operation_id = operation.setdefault(
+                    "operationId",
+                    "_".join([method, *(p.strip("{}") for p in path.split("/")[2:])]),
+                )
+                ids[f"{path} {method}"] = operation_id
+    return ids
 
 
 def _docs_asset(filename: str):

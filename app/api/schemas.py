@@ -167,7 +167,13 @@ class SubmitInputRequest(Schema):
 
 class ListTasksQuery(Schema):
     status = fields.String(validate=validate.OneOf(TASK_STATUSES))
-    agent = fields.String(validate=validate.Length(min=1, max=MAX_AGENT_NAME_LENGTH))
+    agent = fields.String(
+        validate=[
+            validate.Length(min=1, max=MAX_AGENT_NAME_LENGTH),
+            # PostgreSQL refuses NUL in a text parameter (that was a 500).
+            validate.Regexp(r"^[^\x00]*$", error="Must not contain the NUL character."),
+        ]
+    )
     limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
     cursor = fields.String(
         validate=validate.Length(min=1, max=512),
