@@ -43,6 +43,7 @@ class WaitersSize:
     submit_seconds: float = 5.0
     submit_rounds: int = 2
     request_timeout: float = 10.0  # a loop request slower than this counts as an error
+    settle_seconds: float = 5.0
 
 
 WAITER_SIZES = {
@@ -254,6 +255,7 @@ def _one_class(stack, proc, port: int, keys: list[str], size: WaitersSize, log, 
     t0 = time.monotonic()
     crowd.start(timeout=60)
     opened_in = time.monotonic() - t0
+    time.sleep(size.settle_seconds)  # let the web finish the waiters' first reads
     try:
         log(f"waiters/{name}: closed loop with {crowd.opened} waiters open")
         crowded = closed_loop()

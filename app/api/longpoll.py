@@ -248,9 +248,10 @@ def wait_for(
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                waiter.wait(min(remaining, limits.WAITER_RENEW_SECONDS))
+                woken = waiter.wait(min(remaining, limits.WAITER_RENEW_SECONDS))
                 slot.renew()
-                value = read()
+                if woken or not notifications.connected:  # a quiet wake-up reads nothing
+                    value = read()
             return value
     finally:
         if own_slot:
