@@ -41,7 +41,7 @@ class WaitersSize:
     loop_seconds: float = 10.0
     loop_connections: int = 8
     submit_seconds: float = 5.0
-    submit_rounds: int = 2
+    submit_rounds: int = 4
     request_timeout: float = 10.0  # a loop request slower than this counts as an error
     settle_seconds: float = 5.0
 
@@ -335,5 +335,6 @@ def render(waiters: dict) -> str:
         p99 = ", ".join(f"{r['p99_ms']:.1f}" for r in runs)
         statuses = [r["statuses"] for r in runs]
         errors = sum(r["errors"] for r in runs)
-        lines.append(f"| {name} | {rps} | {p99} | {statuses} | {errors} |")
+        median = sorted(r["rps"] for r in runs)[len(runs) // 2]
+        lines.append(f"| {name} | {rps} (median {median:.0f}) | {p99} | {statuses} | {errors} |")
     return "\n".join(lines) + "\n"
