@@ -87,6 +87,10 @@ class Settings:
     max_body_bytes: int = 1048576
     max_checkpoint_bytes: int = 8 * 1048576  # a step's state or result, as JSON
     task_retention_days: int = 30
+    # V2.md 8 and 11: limits that keep one client from hurting the others.
+    rate_limit_per_second: int = 100  # per API key, burst twice that; 0 = off
+    max_waiters_per_tenant: int = 100  # ?wait= long polls + SSE streams, across web processes
+    sse_max_seconds: float = 300.0  # an SSE stream ends after this; the client resumes it
     agents: tuple[str, ...] = ()
     llm_base_url: str | None = None
     llm_api_key: str | None = None
@@ -99,7 +103,10 @@ class Settings:
     # Process sizing (not in RUNTIME.md's table; Heroku's WEB_CONCURRENCY convention).
     bind_host: str = "0.0.0.0"
     web_concurrency: int = 2
-    web_threads: int = 16
+    web_threads: int = 16  # gthread only
+    # gevent: a waiting request (long poll, SSE) is a greenlet, not a thread (docs/benchmarks.md).
+    web_worker_class: str = "gevent"
+    web_worker_connections: int = 2000  # gevent: concurrent requests per web worker process
     worker_concurrency: int = 2
 
     @classmethod
@@ -114,6 +121,9 @@ class Settings:
         log_format = "console" if log_format == "text" else log_format
         if log_format not in ("auto", "json", "console"):
             raise SettingsError("OUTLAST_LOG_FORMAT must be auto, json or console")
+        web_worker_class = env.get("OUTLAST_WEB_WORKER_CLASS", "").strip().lower() or "gevent"
+        if web_worker_class not in ("gevent", "gthread"):
+            raise SettingsError("OUTLAST_WEB_WORKER_CLASS must be gevent or gthread")
         return cls(
             database_url=database_url_for_sqlalchemy(db) if db else None,
             redis_url=redis_url,
@@ -137,6 +147,9 @@ class Settings:
                 env, "OUTLAST_MAX_CHECKPOINT_BYTES", 8 * 1048576, 1024, 256 * 1048576
             ),
             task_retention_days=_int(env, "OUTLAST_TASK_RETENTION_DAYS", 30, 1, 100000),
+            rate_limit_per_second=_int(env, "OUTLAST_RATE_LIMIT_PER_SECOND", 100, 0, 10**6),
+            max_waiters_per_tenant=_int(env, "OUTLAST_MAX_WAITERS_PER_TENANT", 100, 1, 10**6),
+            sse_max_seconds=_float(env, "OUTLAST_SSE_MAX_SECONDS", 300.0, 0.1, 86400),
             agents=tuple(m.strip() for m in env.get("OUTLAST_AGENTS", "").split(",") if m.strip()),
             llm_base_url=env.get("OUTLAST_LLM_BASE_URL", "").strip() or None,
             llm_api_key=env.get("OUTLAST_LLM_API_KEY", "").strip() or None,
@@ -147,6 +160,8 @@ class Settings:
             bind_host=env.get("OUTLAST_BIND_HOST", "").strip() or "0.0.0.0",
             web_concurrency=_int(env, "WEB_CONCURRENCY", 2, 1, 256),
             web_threads=_int(env, "OUTLAST_WEB_THREADS", 16, 1, 1024),
+            web_worker_class=web_worker_class,
+            web_worker_connections=_int(env, "OUTLAST_WEB_WORKER_CONNECTIONS", 2000, 1, 100000),
             worker_concurrency=_int(env, "OUTLAST_WORKER_CONCURRENCY", os.cpu_count() or 2, 1, 256),
         )
 

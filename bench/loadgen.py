@@ -119,6 +119,7 @@ async def _run(
     duration: float,
     warmup: float,
     max_requests: int | None,
+    timeout: float | None = None,
 ) -> LoadResult:
     result = LoadResult(connections=connections, duration=duration)
     start = time.perf_counter()
@@ -140,8 +141,8 @@ async def _run(
                 break
             try:
                 writer.write(data)
-                status, close, _ = await _read_response(reader)
-            except (OSError, asyncio.IncompleteReadError, ValueError):
+                status, close, _ = await asyncio.wait_for(_read_response(reader), timeout)
+            except (OSError, asyncio.IncompleteReadError, ValueError, TimeoutError):
                 result.errors += 1
                 writer.close()
                 writer = None
@@ -172,8 +173,12 @@ def run_load(
     warmup: float = 1.0,
     max_requests: int | None = None,
     host: str = "127.0.0.1",
+    timeout: float | None = None,
 ) -> LoadResult:
     """Load ``host:port`` with ``connections`` closed-loop connections for ``duration``
     seconds after ``warmup`` seconds (or until ``max_requests`` were sent); every
-    request comes from ``make_request(i)``."""
-    return asyncio.run(_run(host, port, make_request, connections, duration, warmup, max_requests))
+    request comes from ``make_request(i)``. An answer slower than ``timeout`` seconds
+    counts as an error (and its connection is replaced)."""
+    return asyncio.run(
+        _run(host, port, make_request, connections, duration, warmup, max_requests, timeout)
+    )

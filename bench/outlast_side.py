@@ -90,6 +90,9 @@ class OutlastStack:
                 "OUTLAST_WORKER_CONCURRENCY": str(worker_concurrency),
                 "OUTLAST_BIND_HOST": "127.0.0.1",
                 "OUTLAST_LOG_LEVEL": "INFO",
+                # One key drives every section: measure the engine, not the rate limit
+                # (the waiters section measures the rate limit's own cost).
+                "OUTLAST_RATE_LIMIT_PER_SECOND": "0",
                 **(env or {}),
             }
         )

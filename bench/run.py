@@ -30,7 +30,7 @@ from bench.baselines import CeleryBaseline, DBOSBaseline, NaiveWeb
 from bench.infra import ROOT, Infra
 from bench.loadgen import run_load
 
-SECTIONS = ("steps", "submit", "latency", "recovery", "rss")
+SECTIONS = ("steps", "submit", "latency", "recovery", "rss", "waiters")
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,14 @@ SIZES = {
         latency_samples=100,
         recovery_repeats=3,
         rss_tasks=3_000,
-        estimate={"steps": 150, "submit": 80, "latency": 20, "recovery": 40, "rss": 100},
+        estimate={
+            "steps": 150,
+            "submit": 80,
+            "latency": 20,
+            "recovery": 40,
+            "rss": 100,
+            "waiters": 180,
+        },
     ),
 }
 
@@ -321,6 +328,12 @@ class Run:
         self.celery.stop_worker()
         self.results["rss"] = rss
 
+    def section_waiters(self) -> None:
+        from bench.waiters import WAITER_SIZES, measure_waiters
+
+        size = WAITER_SIZES[self.results["meta"].get("size", "full")]
+        self.results["waiters"] = measure_waiters(self.infra, size, log)
+
     # --- the whole run --------------------------------------------------------------------
 
     def run(self) -> dict:
@@ -432,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:  # a failed run still leaves what it measured
         (out / "results.json").write_text(json.dumps(results, indent=1))
     text = report.render(results)
+    if "waiters" in results:
+        from bench.waiters import render
+
+        text += "\n" + render(results["waiters"])
     (out / "report.md").write_text(text)
     print(text)
     if not args.no_plots:

@@ -13,6 +13,10 @@
   never creates a second task.
 - Reads and ``cancel`` are retried on connection errors and ``502``/``503``/``504``;
   ``send_input`` is never retried blindly (a lost answer is checked with :meth:`get`).
+- Every call is retried on ``429`` (a rate limit, or the tenant's cap on waiting
+  requests: the server did nothing), never sooner than its ``Retry-After``.
+- :meth:`Client.events` with ``follow=True`` reconnects by itself when the server ends
+  a stream (``OUTLAST_SSE_MAX_SECONDS``), resuming with ``Last-Event-ID``.
 - Every problem+json answer raises the :class:`APIError` subclass named after its
   ``code`` (:class:`NotFound`, :class:`TaskTerminal`, :class:`ValidationError`, …).
 - :func:`verify_webhook` checks a webhook's Standard Webhooks signature and returns the
@@ -617,7 +621,9 @@ class Client:
                 continue
             if response.status_code < 400:
                 return response
-            if response.status_code in retry_statuses and attempt < self.max_retries:
+            # A 429 was refused before any work was done: safe to repeat for any method.
+            retryable = response.status_code in retry_statuses or response.status_code == 429
+            if retryable and attempt < self.max_retries:
                 self._backoff(attempt, _retry_after(response.headers))
                 attempt += 1
                 continue

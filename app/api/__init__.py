@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import http
 
-from flask import Flask
+from flask import Flask, Response, g, request
 from flask_smorest import Api
 from flask_smorest.utils import prepare_response
 
 from app import errors
 from app import settings as settings_mod
-from app.api import auth, problems
+from app.api import auth, jsonbody, limits, problems
 from app.ops import logs
 from app.ops import metrics as recorded_metrics
 from app.settings import Settings
@@ -48,6 +48,85 @@ class OutlastApi(Api):
 def _authenticate() -> None:
     # A before_request hook that returned the tenant id would end the request with it.
     auth.authenticate()
+
+
+def _rate_limit() -> None:
+    """Count the request against its API key's rate limit (after authentication)."""
+    _, _, key = request.headers.get("Authorization", "").partition(" ")
+    g.rate_limit = None  # set before the check: a 429 carries its own RateLimit field
+    g.rate_limit = limits.check_rate(key.strip())
+
+
+def _rate_limit_headers(response: Response) -> Response:
+    """``RateLimit-Policy`` on every /v1 answer, ``RateLimit`` once a key was counted."""
+    if request.path.startswith("/v1/"):
+        policy = limits.policy_header(settings_mod.current())
+        if policy is not None:
+            response.headers["RateLimit-Policy"] = policy
+            state = g.get("rate_limit")
+            if state is not None and "RateLimit" not in response.headers:
+                response.headers["RateLimit"] = limits.state_header(state)
+    return response
+
+
+RATE_LIMIT_HEADERS = {
+    "RateLimit-Policy": {
+        "description": "IETF draft-ietf-httpapi-ratelimit-headers (-08 and later): the "
+        'per-key policy, e.g. "per-key";q=200;w=2 (omitted when rate limiting is off).',
+        "schema": {"type": "string"},
+    },
+    "RateLimit": {
+        "description": 'What is left of the quota and when more comes: "per-key";r=0;t=1.',
+        "schema": {"type": "string"},
+    },
+    "Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}},
+}
+
+
+def _document_rate_limits(api: Api) -> None:
+    """Every /v1 operation may answer 429 (rate limit per key, waiters per tenant)."""
+    api.spec.components.response(
+        "RATE_LIMITED",
+        {
+            "description": "Too many requests (code rate_limited): the API key's rate limit, "
+            "or the tenant's cap on long polls and event streams; retry after Retry-After.",
+            "content": {errors.PROBLEM_JSON: {"schema": "Problem"}},
+            "headers": RATE_LIMIT_HEADERS,
+        },
+    )
+    # OpenAPI links from a submitted task to what can be done with it (clients and
+    # schemathesis' stateful runs follow them).
+    submitted = api.spec._paths.get("/v1/tasks", {}).get("post", {}).get("responses", {})
+    accepted = submitted.get("202")
+    if isinstance(accepted, dict):
+        task_id = {"task_id": "$response.body#/id"}
+        accepted["links"] = {
+            operation_id: {"operationId": operation_id, "parameters": task_id}
+            for name, operation_id in _operation_ids(api).items()
+            if name.startswith("/v1/tasks/{task_id}")
+        }
+    for path, operations in api.spec._paths.items():
+        if not path.startswith("/v1/"):
+            continue
+        for operation in operations.values():
+            if isinstance(operation, dict) and "responses" in operation:
+                operation["responses"].setdefault(
+                    "429", {"$ref": "#/components/responses/RATE_LIMITED"}
+                )
+
+
+def _operation_ids(api: Api) -> dict[str, str]:
+    """``{"path method": operationId}`` of the /v1 operations, ids set where missing."""
+    ids = {}
+    for path, operations in api.spec._paths.items():
+        for method, operation in operations.items():
+            if path.startswith("/v1/") and isinstance(operation, dict):
+                operation_id = operation.setdefault(
+                    "operationId",
+                    "_".join([method, *(p.strip("{}") for p in path.split("/")[2:])]),
+                )
+                ids[f"{path} {method}"] = operation_id
+    return ids
 
 
 def _docs_asset(filename: str):
@@ -94,7 +173,11 @@ def init_app(flask_app: Flask) -> Api:
         # one per test): a setup method may only run before the first registration.
         if _authenticate not in blueprint.before_request_funcs.get(None, []):
             blueprint.before_request(_authenticate)
+            blueprint.before_request(_rate_limit)
+            blueprint.before_request(jsonbody.check_any_body)  # no parser sees a bad body
         api.register_blueprint(blueprint, url_prefix="/v1")
+
+    _document_rate_limits(api)
 
     from app.api import metrics, ops
 
@@ -103,6 +186,7 @@ def init_app(flask_app: Flask) -> Api:
     flask_app.add_url_rule(
         f"{DOCS_ASSETS_PATH}/<path:filename>", "docs_assets", _docs_asset, methods=["GET"]
     )
+    flask_app.after_request(_rate_limit_headers)
     logs.init_app(flask_app)  # a request id on every web log line and as X-Request-Id
     problems.register(flask_app)
     return api

@@ -6,19 +6,17 @@ OpenAPI document and validate the replay request.
 
 from __future__ import annotations
 
-import functools
 import json
 import re
-from collections.abc import Callable
 from typing import Any
 
-from flask import Response, request
+from flask import Response
 from flask.views import MethodView
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields, validate
 
 from app.api.auth import current_tenant
-from app.errors import InvalidJson, NotFound, UnsupportedMediaType
+from app.errors import NotFound
 from app.store import db, lifecycle
 from app.webhooks import deliveries, secrets
 
@@ -88,29 +86,6 @@ def _load_task(conn: Any, task_id: str) -> Any:
     return row
 
 
-def _optional_json_body(view: Callable[..., Any]) -> Callable[..., Any]:
-    """The body may be absent; when present it must be JSON (415) that parses (400).
-
-    Runs before flask-smorest's argument parsing so these failures get their own codes.
-    """
-
-    @functools.wraps(view)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        raw = request.get_data(cache=True)
-        if raw.strip():
-            if not request.is_json:
-                raise UnsupportedMediaType(
-                    "The request body must be JSON, sent with Content-Type: application/json."
-                )
-            try:
-                json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
-                raise InvalidJson("The request body is not valid JSON.") from None
-        return view(*args, **kwargs)
-
-    return wrapper
-
-
 # --- views -------------------------------------------------------------------------------------
 
 
@@ -128,7 +103,8 @@ class TaskDeliveries(MethodView):
 
 @blueprint.route("/tasks/<task_id>/deliveries/replay")
 class TaskDeliveriesReplay(MethodView):
-    @_optional_json_body
+    # The optional body went through the shared JSON checks already
+    # (app.api.jsonbody.check_any_body, a before_request hook of every /v1 blueprint).
     @blueprint.arguments(ReplayRequest, required=False)
     @blueprint.response(202, DeliveryListSchema, description="The deliveries created.")
     @blueprint.alt_response(400, response="BAD_REQUEST")

@@ -109,12 +109,40 @@ def read_json_body() -> Any:
     return body
 
 
+def has_body() -> bool:
+    """The request came with a body (a length above 0, or chunked)."""
+    if request.content_length is not None:
+        return request.content_length > 0
+    return "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+
+
+def check_any_body() -> None:
+    """Every /v1 request that sends a body, whatever its endpoint, goes through
+    :func:`read_json_body` before any other code parses it (a before_request hook):
+    no endpoint's own parser (webargs, ``json.loads``) ever sees a body that is too
+    large, not JSON, or deep enough to exhaust the stack. A body of only whitespace
+    counts as none."""
+    if request.method not in ("POST", "PUT", "PATCH", "DELETE") or not has_body():
+        return
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    if limit is not None and request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge("The request body is larger than OUTLAST_MAX_BODY_BYTES.")
+    try:
+        raw = request.get_data(cache=True)
+    except RequestEntityTooLarge:
+        raise PayloadTooLarge("The request body is larger than OUTLAST_MAX_BODY_BYTES.") from None
+    if raw.strip():
+        g.json_body = read_json_body()
+
+
 def json_body(view: Callable[..., Any]) -> Callable[..., Any]:
-    """Run :func:`read_json_body` before ``view`` (and before its argument parsing)."""
+    """Run :func:`read_json_body` before ``view`` (and before its argument parsing): the
+    body is required. Reuses what :func:`check_any_body` already parsed."""
 
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        g.json_body = read_json_body()
+        if "json_body" not in g:
+            g.json_body = read_json_body()
         return view(*args, **kwargs)
 
     return wrapper

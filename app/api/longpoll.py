@@ -4,8 +4,15 @@ Every task-changing transaction sends ``NOTIFY outlast_task, '<task id>'`` (in
 :func:`app.store.lifecycle.append_event`), delivered at commit. Each web process keeps ONE
 dedicated ``LISTEN`` connection, read by a daemon thread that wakes the requests waiting
 on that task id (:class:`TaskNotifications`). A waiting request (``?wait=N`` long poll,
-SSE stream) therefore holds a gunicorn thread but no pooled connection: it reads the
-database briefly after each wake-up.
+SSE stream) therefore holds no pooled connection: it reads the database briefly after
+each wake-up. Under gunicorn's gevent worker (``outlast web``'s default) the listener
+"thread" and every waiter are greenlets (gevent patches ``threading`` and ``select``, and
+psycogreen makes psycopg2 wait through gevent), so a waiter costs memory, not a request
+thread. Each waiter also holds one of its tenant's slots (:func:`app.api.limits.acquire_waiter`,
+``OUTLAST_MAX_WAITERS_PER_TENANT`` across web processes).
+
+:func:`wait_for` is the one waiting loop: ``GET /v1/tasks/{id}?wait=N`` uses it, and so
+can any other request that waits for a task to change (``Prefer: wait=N``).
 
 The listener is lazy (started by the first waiter, again after a fork) and follows the
 configured ``DATABASE_URL``. While it is not connected, waiters fall back to re-reading
@@ -20,9 +27,11 @@ import os
 import select
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
+from app.api import limits
 from app.store import db
 from app.store.lifecycle import NOTIFY_CHANNEL
 
@@ -205,3 +214,45 @@ class TaskNotifications:
 
 
 notifications = TaskNotifications()
+
+
+T = TypeVar("T")
+
+
+def wait_for(
+    task_id: str,
+    tenant_id: str,
+    read: Callable[[], T],
+    settled: Callable[[T], bool],
+    timeout: float,
+    slot: limits.WaiterSlot | None = None,
+) -> T:
+    """``read()`` again after each change of ``task_id`` until ``settled(value)`` or
+    ``timeout`` seconds passed; the last value read.
+
+    Holds one of the tenant's waiter slots meanwhile (``slot`` if the caller took one
+    already, else one taken here: :class:`~app.errors.RateLimited` when the tenant has
+    ``OUTLAST_MAX_WAITERS_PER_TENANT`` waiters; a caller that has already done its work,
+    as a submission with ``Prefer: wait``, may take the slot first with
+    :func:`app.api.limits.acquire_waiter`, or catch the 429 and answer without waiting).
+    The first ``read()`` happens after the watch is registered, so no change is missed.
+    """
+    deadline = time.monotonic() + timeout
+    own_slot = slot is None
+    if slot is None:
+        slot = limits.acquire_waiter(tenant_id)
+    try:
+        with notifications.watch(task_id) as waiter:
+            value = read()
+            while not settled(value):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                woken = waiter.wait(min(remaining, limits.WAITER_RENEW_SECONDS))
+                slot.renew()
+                if woken or not notifications.connected:  # a quiet wake-up reads nothing
+                    value = read()
+            return value
+    finally:
+        if own_slot:
+            slot.release()

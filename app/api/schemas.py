@@ -180,7 +180,13 @@ class SubmitInputRequest(Schema):
 
 class ListTasksQuery(Schema):
     status = fields.String(validate=validate.OneOf(TASK_STATUSES))
-    agent = fields.String(validate=validate.Length(min=1, max=MAX_AGENT_NAME_LENGTH))
+    agent = fields.String(
+        validate=[
+            validate.Length(min=1, max=MAX_AGENT_NAME_LENGTH),
+            # PostgreSQL refuses NUL in a text parameter (that was a 500).
+            validate.Regexp(r"^[^\x00]*$", error="Must not contain the NUL character."),
+        ]
+    )
     limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
     cursor = fields.String(
         validate=validate.Length(min=1, max=512),
@@ -314,8 +320,16 @@ class StepListSchema(Schema):
     data = fields.List(fields.Nested(StepSchema), required=True)
 
 
+class EventTaskSchema(TaskSchema):
+    """The task as events and webhooks carry it: without ``input`` (V2.md 8), which is
+    in GET /v1/tasks/{id}."""
+
+    class Meta:
+        exclude = ("input",)
+
+
 class EventDataSchema(Schema):
-    task = fields.Nested(TaskSchema, required=True)
+    task = fields.Nested(EventTaskSchema, required=True)
     from_version = fields.String(metadata={"description": "task.migrated: the version left."})
     to_version = fields.String(metadata={"description": "task.migrated: the version now run."})
 

@@ -8,7 +8,6 @@ import binascii
 import hashlib
 import json
 import re
-import time
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -21,7 +20,7 @@ from sqlalchemy.engine import Connection, RowMapping
 from app.api import queries, schemas
 from app.api.auth import current_tenant
 from app.api.jsonbody import json_body
-from app.api.longpoll import notifications
+from app.api.longpoll import wait_for
 from app.errors import NotFound, TaskNotWaiting, TaskTerminal, ValidationFailed
 from app.store import db, lifecycle, outbox, submission, tool_calls
 from app.store.representation import rfc3339, task_json
@@ -239,17 +238,14 @@ def _wait_for_change(task_id: str, row: RowMapping, wait: float) -> RowMapping:
     """
     if request.if_none_match and not _etag_matches(task_etag(task_json(row))):
         return row
-    deadline = time.monotonic() + wait
     initial = (row["status"], row["step"])
-    with notifications.watch(task_id) as waiter:
-        row = read_task(task_id)  # again, now that no notification can be missed
-        while row["status"] not in lifecycle.TERMINAL and (row["status"], row["step"]) == initial:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            waiter.wait(remaining)
-            row = read_task(task_id)
-    return row
+    return wait_for(
+        task_id,
+        current_tenant(),
+        lambda: read_task(task_id),
+        lambda r: r["status"] in lifecycle.TERMINAL or (r["status"], r["step"]) != initial,
+        wait,
+    )
 
 
 @blueprint.route("/tasks/<task_id>/steps")

@@ -39,33 +39,48 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else (shutil.which(name) or name)
 
 
+GUNICORN_CONFIG = "python:workers.gunicorn_conf"
+
+
+def web_argv(cfg: settings.Settings) -> list[str]:
+    """The gunicorn command of ``outlast web`` for ``cfg``."""
+    if cfg.web_worker_class == "gevent":
+        # A long poll or an SSE stream is a greenlet waiting on the LISTEN connection:
+        # thousands cost memory, not request threads (docs/benchmarks.md, waiters).
+        sizing = [
+            "--worker-class",
+            "gevent",
+            "--worker-connections",
+            str(cfg.web_worker_connections),
+        ]
+    else:
+        sizing = ["--worker-class", "gthread", "--threads", str(cfg.web_threads)]
+    return [
+        _bin("gunicorn"),
+        "--config",
+        GUNICORN_CONFIG,
+        "--bind",
+        f"{cfg.bind_host}:{cfg.port}",
+        *sizing,
+        "--workers",
+        str(cfg.web_concurrency),
+        "--timeout",
+        "60",
+        "--graceful-timeout",
+        "20",
+        "--access-logfile",
+        "-",
+        "--logger-class",
+        "app.ops.logs.GunicornLogger",
+        "--no-control-socket",
+        "workers.wsgi:create_web_app()",
+    ]
+
+
 @click.command("web")
 def web() -> None:
-    """The API under gunicorn on $PORT (gthread workers: long polls hold a thread, not a process)."""
-    cfg = settings.current()
-    _exec(
-        [
-            _bin("gunicorn"),
-            "--bind",
-            f"{cfg.bind_host}:{cfg.port}",
-            "--worker-class",
-            "gthread",
-            "--workers",
-            str(cfg.web_concurrency),
-            "--threads",
-            str(cfg.web_threads),
-            "--timeout",
-            "60",
-            "--graceful-timeout",
-            "20",
-            "--access-logfile",
-            "-",
-            "--logger-class",
-            "app.ops.logs.GunicornLogger",
-            "--no-control-socket",
-            "workers.wsgi:create_web_app()",
-        ]
-    )
+    """The API under gunicorn on $PORT (gevent workers by default: OUTLAST_WEB_WORKER_CLASS)."""
+    _exec(web_argv(settings.current()))
 
 
 @click.command("worker")

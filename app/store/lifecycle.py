@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
 from app.store import budgets, db, deliveries, ids, outbox
-from app.store.representation import TASK_COLUMNS, task_json
+from app.store.representation import TASK_COLUMNS, event_task_json
 
 NOTIFY_CHANNEL = "outlast_task"
 
@@ -113,7 +113,7 @@ def append_event(
     webhooks carry and the task has a ``webhook_url``.
     """
     event_id = ids.new_id("evt")
-    data = {**(extra or {}), "task": task_json(task)}
+    data = {**(extra or {}), "task": event_task_json(task)}
     row = (
         conn.execute(
             sa.text(

@@ -51,13 +51,29 @@ def task_json(row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+# Fields of the task that an event's snapshot leaves out (V2.md 8: the input can be
+# large and is in GET /v1/tasks/{id}; copying it into every event multiplied it).
+EVENT_TASK_OMITS = frozenset({"input"})
+
+
+def event_task_json(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The task as an event (and its webhook) carries it: :func:`task_json` without
+    ``input``. This is what ``events.data`` stores."""
+    return {k: v for k, v in task_json(row).items() if k not in EVENT_TASK_OMITS}
+
+
 def event_json(row: Mapping[str, Any]) -> dict[str, Any]:
-    """The event object of API.md from an ``events`` row."""
+    """The event object of API.md from an ``events`` row (an older row's snapshot loses
+    its ``input`` here, as new rows are stored without it)."""
+    data = row["data"]
+    task = data.get("task") if isinstance(data, dict) else None
+    if isinstance(task, dict) and EVENT_TASK_OMITS & task.keys():
+        data = {**data, "task": {k: v for k, v in task.items() if k not in EVENT_TASK_OMITS}}
     return {
         "id": row["id"],
         "type": row["type"],
         "task_id": row["task_id"],
         "seq": row["seq"],
         "timestamp": rfc3339(row["created_at"]),
-        "data": row["data"],
+        "data": data,
     }

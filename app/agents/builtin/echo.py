@@ -10,7 +10,7 @@ from outlast.sdk import AgentError, Outcome, agent
 INPUT_SCHEMA = {
     "type": "object",
     "properties": {
-        "message": {"type": "string"},
+        "message": {"type": "string", "maxLength": 65536},  # V2.md 10
         "steps": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1},
         "step_seconds": {"type": "number", "minimum": 0, "maximum": 3600, "default": 0},
         "fail_at_step": {"type": "integer"},
