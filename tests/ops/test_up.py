@@ -520,9 +520,9 @@ def test_a_tasks_lines_carry_its_id_in_json(files_stack):
 def test_a_tasks_lines_carry_its_id_in_the_console(terminal_stack):
     up = terminal_stack
     task_id = _submit_as_printed(up)
-    # 15:47:55 worker INFO  tsk_… step 0: outlast.run_step[echo] succeeded in 0.335s: 'continued'
+    # 15:47:55 worker INFO  tsk_… step 0: outlast.run_step[echo@1] succeeded in 0.335s: 'continued'
     line = re.compile(
-        rf"^\d\d:\d\d:\d\d worker INFO  {task_id} step (\d): outlast\.run_step\[echo\] (\w+)"
+        rf"^\d\d:\d\d:\d\d worker INFO  {task_id} step (\d): outlast\.run_step\[echo@1\] (\w+)"
     )
 
     def lines() -> list[str]:
