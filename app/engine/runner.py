@@ -41,7 +41,12 @@ from sqlalchemy.engine import Connection, RowMapping
 
 from app import settings as settings_mod
 from app.engine import registry
-from app.engine.context import BudgetExhausted, StepContext, is_transient
+from app.engine.context import (
+    BudgetExhausted,
+    NondeterministicReplay,
+    StepContext,
+    is_transient,
+)
 from app.engine.lease import LeaseKeeper
 from app.ops import logs
 from app.store import budgets, db, db_errors, ids, lifecycle, outbox
@@ -56,6 +61,10 @@ RETRY_BACKOFF_MAX_SECONDS = 600.0
 # it waits between tries (1, 2, 4 s).
 COMMIT_ATTEMPTS = 4
 COMMIT_RETRY = Backoff(base=1.0, cap=4.0)
+
+
+# error.type of a task whose re-run asked a logged call with other arguments (V2.md 12).
+NONDETERMINISTIC_REPLAY = "nondeterministic_replay"
 
 
 def retry_delay(retries_done: int, base: float = 1.0) -> float:
@@ -239,6 +248,10 @@ def _run_leased(
                 "step %d of %s stopped: the task was cancelled or its lease lost", step, task_id
             )
             return "discarded"
+        except NondeterministicReplay as exc:
+            if keeper.lost.is_set():
+                return "discarded"
+            return _finish_failed(task_id, token, NONDETERMINISTIC_REPLAY, str(exc))
         except SoftTimeLimitExceeded:
             return _finish_failed(task_id, token, "agent_error", "the step exceeded its time limit")
         except Exception as exc:
@@ -252,6 +265,8 @@ def _run_leased(
             return _finish_failed(task_id, token, "agent_error", _describe(exc))
         if keeper.lost.is_set():
             return "discarded"
+        if ctx.nondeterministic is not None:  # the agent caught NondeterministicReplay
+            return _finish_failed(task_id, token, NONDETERMINISTIC_REPLAY, ctx.nondeterministic)
         if ctx.refused is not None:  # the agent caught the refusal; it still stands
             return _budget_exhausted(task_id, token, task["budget"], ctx.refused)
         return _commit(task_id, step, token, outcome, started_at, task["attempt"])
