@@ -81,8 +81,21 @@ class _NotRunnableHere(Exception):
         self.version = version
 
 
-def run_step(task_id: str, step: int) -> str:
+class OutageDuringStep(Exception):
+    """The database became unreachable after this message took the step's lease. The
+    Celery task retries the message with ``token``, so that the retry takes the lease
+    over instead of waiting for the reaper (which would add 1 to ``attempt``)."""
+
+    def __init__(self, token: str):
+        super().__init__(f"database unavailable during the step (lease {token[:8]}…)")
+        self.token = token
+
+
+def run_step(task_id: str, step: int, held_token: str | None = None) -> str:
     """Run step ``step`` of ``task_id`` if this message is the one to run it.
+
+    ``held_token`` is the lease this message took before a database outage interrupted
+    the step (see :class:`OutageDuringStep`).
 
     Returns what happened (for logs and tests): ``skipped`` (duplicate or stale
     message), ``rerouted`` (this process lacks the task's agent version: the message
@@ -94,7 +107,9 @@ def run_step(task_id: str, step: int) -> str:
     token = ids.new_token()
     try:
         with db.transaction() as conn:
-            task = lifecycle.acquire_lease(conn, task_id, step, token, cfg.lease_seconds)
+            task = lifecycle.acquire_lease(
+                conn, task_id, step, token, cfg.lease_seconds, previous_token=held_token
+            )
             plan = None
             if task is not None:
                 plan = registry.resolve(task["agent"], task["agent_version"])
@@ -123,7 +138,7 @@ def run_step(task_id: str, step: int) -> str:
         # worker_lost: a database outage is retried by the Celery task (the reaper then
         # resumes the step); anything else is this task's failure.
         if db_errors.is_database_unavailable(exc):
-            raise
+            raise OutageDuringStep(token) from exc
         log.exception("step %d of %s could not run", step, task_id)
         return _finish_failed(task_id, token, "agent_error", _describe(exc))
 
