@@ -95,3 +95,42 @@ def test_redis_restart_mid_step_costs_no_attempt_and_no_worker_exits(
     log = worker.log_text()
     assert worker.alive() and "pool exited" not in log, log[-4000:]
     assert "Unrecoverable error" not in log, log[-4000:]
+
+
+def test_a_channel_holding_an_unacked_message_closes_after_its_transport_lost_redis(
+    private_redis,
+):
+    """kombu 5.7's worker exit on Redis loss (docs/reliability.md), at the call that
+    raised it: a channel still holding an unacknowledged message is closed after the
+    connection dropped the transport's client (``Connection.collect`` does so even when
+    closing the channels was cut short by a socket timeout). Stock kombu raises
+    ``AttributeError: 'NoneType' object has no attribute 'hostname'`` from
+    ``_connparams``, which ends the worker; the transport ``outlast worker`` uses skips
+    the restore (Redis keeps the message in ``unacked``)."""
+    from kombu import Connection, Exchange, Queue
+
+    from workers.redis_transport import TRANSPORT
+
+    # Given a consumer holding an unacknowledged message
+    connection = Connection(private_redis.url, transport=TRANSPORT)
+    queue = Queue("outage-restore", Exchange("outage-restore"), "outage-restore")
+    with connection.Producer() as producer:
+        producer.publish(
+            {"n": 1}, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue]
+        )
+    channel = connection.channel()
+    received = []
+    consumer = connection.Consumer(
+        queue, channel=channel, callbacks=[lambda _b, m: received.append(m)]
+    )
+    consumer.consume()
+    connection.drain_events(timeout=5)
+    assert len(received) == 1 and not received[0].acknowledged
+
+    # When Redis goes away and the connection drops its transport's client first
+    private_redis.stop()
+    connection._do_close_transport()
+
+    # Then closing the channel raises nothing
+    channel.close()
+    assert channel.closed
