@@ -7,7 +7,9 @@ goes on, and ``research`` records such a page as a source.
 
 from __future__ import annotations
 
+import signal
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -148,3 +150,41 @@ def test_nul_bytes_and_nan_in_tool_outputs_are_stored_without_them_and_the_tasks
     )
     assert texts[0]["text"] and "before" in texts[0]["text"] and "after" in texts[0]["text"]
     assert texts[1]["text"] == "one two three"
+
+
+def test_a_worker_paused_past_its_lease_cannot_overwrite_the_newer_executions_call(
+    stack, procs, ledger, watcher, database_url
+):
+    # Given two workers and a one-call task whose call is held open for a while
+    tenant = new_tenant(database_url)
+    procs.start("web", "beat", "worker", "worker")
+    api = Client(stack.base_url, tenant.api_key)
+    watcher.start(database_url, stack.base_url, tenant.api_key)
+    ledger.hold_call(step=0, seconds=8.0, times=1)
+    task = api.create("calls", {"url": ledger.url + "/calls", "calls": 1})
+    watcher.track(task["id"])
+    first = ledger.wait_in_flight(task["id"], step=0)
+
+    # When the worker making the call is paused (SIGSTOP) past its lease
+    zombie = procs.holder_of(first)
+    zombie.signal_group(signal.SIGSTOP)
+    try:
+        # Then the other worker makes the call again with the same key and completes it
+        done = api.wait_terminal(task["id"], timeout=60)
+        assert done["status"] == "completed" and done["attempt"] == 2, done
+        calls = ledger.snapshot("/calls", task["id"])
+        assert len(calls) == 2 and calls[0].key == calls[1].key
+        wait_until(lambda: first.answered is not None, 20, what="the paused call answered")
+    finally:
+        # When the paused worker resumes, with the held call's answer waiting for it
+        zombie.signal_group(signal.SIGCONT)
+    time.sleep(3.0)  # it reads the answer, tries to log it, and is fenced off
+
+    # Then the log keeps the newer execution's output: the first writer won
+    (row,) = query(
+        database_url,
+        "SELECT output, attempts FROM tool_calls WHERE task_id = :t AND call_index = 0",
+        t=task["id"],
+    )
+    assert row["output"]["body"]["seq"] == calls[1].seq, (row, calls)
+    assert api.get(task["id"])["result"] == done["result"]
