@@ -119,18 +119,16 @@ def _celery_worker_argv(
 
 
 def _log_line(level: str, message: str, **fields: object) -> None:
-    """One JSON log line on stderr, like every other line the worker writes."""
-    from datetime import UTC, datetime
+    """One log line on stderr, formatted like every other line the worker writes
+    (``OUTLAST_LOG_FORMAT``)."""
+    import logging
 
-    record = {
-        "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
-        "level": level,
-        "logger": "outlast.worker",
-        "message": message,
-        **fields,
-    }
-    sys.stderr.write(json.dumps(record) + "\n")
-    sys.stderr.flush()
+    from app.ops import logs
+
+    logger = logging.getLogger("outlast.worker")
+    if not logging.getLogger().handlers:
+        logs.configure(settings.current())
+    logger.log(logging.getLevelName(level), message, extra=fields)
 
 
 def _die_with_parent() -> None:
