@@ -126,8 +126,12 @@ def _log_line(level: str, message: str, **fields: object) -> None:
     from app.ops import logs
 
     logger = logging.getLogger("outlast.worker")
-    if not logging.getLogger().handlers:
-        logs.configure(settings.current())
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        log_format = logs.resolve_format(settings.current().log_format)
+        handler.setFormatter(logs.formatter(log_format, "worker"))
+        logger.addHandler(handler)
+        logger.propagate = False
     logger.log(logging.getLevelName(level), message, extra=fields)
 
 
@@ -140,6 +144,20 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
     except (OSError, AttributeError):
         pass
+
+
+READY_TIMEOUT_SECONDS = 120.0
+
+
+def _wait_ready(read_end: int, child: object, timeout: float) -> None:
+    """Wait until the pool writes to its ready pipe, exits, or ``timeout`` passes."""
+    import select
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and child.poll() is None:  # type: ignore[attr-defined]
+        readable, _, _ = select.select([read_end], [], [], 0.2)
+        if readable:
+            return
 
 
 def supervise(pools: dict[str, list[str]]) -> int:
@@ -162,10 +180,27 @@ def supervise(pools: dict[str, list[str]]) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(sig, on_signal)
-    for name, argv in pools.items():
-        children[name] = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
-        )
+    for n, (name, argv) in enumerate(pools.items()):
+        if stopping:
+            break
+        if n < len(pools) - 1:
+            # Each pool but the last starts the next once it is ready (a byte on a pipe).
+            read_end, write_end = os.pipe()
+            env = {**os.environ, "OUTLAST_READY_FD": str(write_end)}
+            children[name] = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+                env=env,
+                pass_fds=(write_end,),
+            )
+            os.close(write_end)
+            _wait_ready(read_end, children[name], READY_TIMEOUT_SECONDS)
+            os.close(read_end)
+        else:
+            children[name] = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+            )
     restart_at: dict[str, float] = {}
     while True:
         if stopping:

@@ -134,3 +134,60 @@ def test_a_channel_holding_an_unacked_message_closes_after_its_transport_lost_re
     # Then closing the channel raises nothing
     channel.close()
     assert channel.closed
+
+
+def test_a_pool_that_exits_is_started_again_inside_outlast_worker(
+    stack, procs, watcher, database_url
+):
+    import psutil
+
+    # Given the stack, and the Celery worker running the steps inside `outlast worker`
+    tenant = new_tenant(database_url)
+    web, worker, beat = procs.start("web", "worker", "beat")
+    api = Client(stack.base_url, tenant.api_key)
+    watcher.start(database_url, stack.base_url, tenant.api_key)
+
+    def supervisor() -> psutil.Process:
+        # The Procfile line runs in a shell: the `outlast worker` process under it.
+        shell = psutil.Process(worker.pid)
+        return next(p for p in [shell, *shell.children(recursive=True)] if _name(p) == "outlast")
+
+    def steps_pool() -> psutil.Process | None:
+        for child in supervisor().children():
+            try:
+                if "steps" in child.cmdline():
+                    return child
+            except psutil.Error:  # the killed one, until the supervisor reaps it
+                continue
+        return None
+
+    first = steps_pool()
+    assert first is not None, supervisor().children()
+
+    # When that pool's main process dies (as kombu 5.7 could make it exit)
+    first.kill()
+
+    # Then `outlast worker` stays up, says so, and starts the pool again
+    again = wait_until(
+        lambda: (p := steps_pool()) is not None and p.pid != first.pid and p, 30, what="restart"
+    )
+    assert worker.alive() and "the steps pool exited" in worker.log_text()
+    wait_until(
+        lambda: "ready." in worker.log_text().split("the steps pool exited")[-1],
+        60,
+        what="the new pool ready",
+    )
+    task = api.create("echo", {"message": "after the restart"})["id"]
+    watcher.track(task)
+    done = api.wait_terminal(task, timeout=60)
+    assert done["status"] == "completed" and done["attempt"] == 1, done
+    assert again.is_running()
+
+
+def _name(process) -> str | None:
+    import psutil
+
+    try:
+        return process.name()
+    except psutil.Error:
+        return None
