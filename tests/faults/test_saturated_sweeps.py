@@ -23,8 +23,9 @@ LEASE = float(TEST_ENV["OUTLAST_LEASE_SECONDS"])
 REAPER = float(TEST_ENV["OUTLAST_REAPER_INTERVAL_SECONDS"])
 SLOTS = 2 * int(FAULT_ENV["OUTLAST_WORKER_CONCURRENCY"])  # two workers
 LONG_STEP = 300.0  # every slot stays busy for the whole test
-# Beat sends and a thread takes the deadline sweep; a loaded 2-core machine adds latency.
-DEADLINE_SLACK = 1.5
+# Beat sends and a thread takes the deadline sweep; on the loaded 2-core machine one run
+# measured 2.8 s with a 1 s interval (the unfixed code never fires while saturated).
+DEADLINE_SLACK = 2.5
 
 
 def _event_epoch(url: str, task_id: str, event_type: str) -> float | None:
