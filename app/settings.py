@@ -82,6 +82,7 @@ class Settings:
     webhook_max_attempts: int = 15
     webhook_timeout_seconds: float = 10.0
     webhook_sweep_seconds: float = 5.0
+    webhook_concurrency_per_tenant: int = 4  # V2.md 8: webhook sends in flight per tenant
     webhook_allow_private: bool = False
     tools_deny_private: bool = False  # OUTLAST_TOOLS_DENY_PRIVATE: SSRF guard on agent tools
     max_body_bytes: int = 1048576
@@ -140,6 +141,9 @@ class Settings:
             webhook_max_attempts=_int(env, "OUTLAST_WEBHOOK_MAX_ATTEMPTS", 15, 1, 1000),
             webhook_timeout_seconds=_float(env, "OUTLAST_WEBHOOK_TIMEOUT_SECONDS", 10.0, 0.1, 600),
             webhook_sweep_seconds=_float(env, "OUTLAST_WEBHOOK_SWEEP_SECONDS", 5.0, 0.1, 3600),
+            webhook_concurrency_per_tenant=_int(
+                env, "OUTLAST_WEBHOOK_CONCURRENCY_PER_TENANT", 4, 1, 10000
+            ),
             webhook_allow_private=_bool(env, "OUTLAST_WEBHOOK_ALLOW_PRIVATE", False),
             tools_deny_private=_bool(env, "OUTLAST_TOOLS_DENY_PRIVATE", False),
             max_body_bytes=_int(env, "OUTLAST_MAX_BODY_BYTES", 1048576, 1, 1 << 31),

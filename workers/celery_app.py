@@ -24,6 +24,7 @@ from app.engine import registry
 from app.settings import Settings, SettingsError
 from app.store import fleet, messages
 from workers.beat import beat_schedule
+from workers.redis_transport import TRANSPORT as REDIS_TRANSPORT
 
 TASK_MODULES = ("tasks.steps", "tasks.webhooks", "tasks.sweeps")
 
@@ -61,7 +62,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A broker blip must not cost a step its attempt (V2.md 8): a running step goes on
+        # (it needs only PostgreSQL) and commits; its next message goes through the outbox.
+        # Cancelling it would leave its lease to expire and the reaper to add 1 to attempt.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "broker_transport_options": transport,
         "result_backend_transport_options": transport,
         "visibility_timeout": VISIBILITY_TIMEOUT,
@@ -83,6 +87,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_soft_shutdown_timeout": 20,
         "beat_schedule": beat_schedule(settings),
     }
+    if redis_url.startswith(("redis://", "rediss://")):
+        config["broker_transport"] = REDIS_TRANSPORT  # kombu 5.7's exit on Redis loss, fixed
     if redis_url.startswith("rediss://"):
         config["broker_use_ssl"] = {"ssl_cert_reqs": redis_ssl_cert_reqs(redis_url)}
         config["redis_backend_use_ssl"] = {"ssl_cert_reqs": redis_ssl_cert_reqs(redis_url)}

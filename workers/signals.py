@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from celery.signals import setup_logging, worker_process_init
+import os
+
+from celery.signals import setup_logging, worker_process_init, worker_ready
 
 from app.store import db
 
@@ -20,3 +22,16 @@ def _configure_logging(**_: object) -> None:
     from app.ops import logs
 
     logs.configure(settings.current())
+
+
+@worker_ready.connect
+def _tell_the_supervisor(**_: object) -> None:
+    # `outlast worker` starts its second pool once the step pool is ready (so the first
+    # "ready." line a worker logs means steps are consumed): one byte on its pipe.
+    fd = os.environ.pop("OUTLAST_READY_FD", None)
+    if fd:
+        try:
+            os.write(int(fd), b"r")
+            os.close(int(fd))
+        except (OSError, ValueError):
+            pass

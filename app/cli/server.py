@@ -83,30 +83,174 @@ def web() -> None:
     _exec(web_argv(settings.current()))
 
 
+# The worker's second pool: sweeps and webhook sends on threads of their own, so that
+# neither ever waits behind a running step (V2.md 8). Sends are I/O-bound and each lasts
+# at most OUTLAST_WEBHOOK_TIMEOUT_SECONDS; sweeps are short database statements.
+SIDE_QUEUES = "maintenance,webhooks"
+SIDE_THREADS = 16
+# A pool process that exits while the worker is not stopping is started again after this
+# (kombu 5.7 can end a Celery worker on a Redis outage: docs/reliability.md).
+RESTART_DELAY_SECONDS = 1.0
+
+
+def _celery_worker_argv(
+    name: str, queues: str, pool: str, concurrency: int, log_level: str
+) -> list[str]:
+    return [
+        _bin("celery"),
+        "--quiet",  # no banner: every line on stderr is a JSON log line
+        "-A",
+        CELERY_TARGET,
+        "worker",
+        "--hostname",
+        f"{name}-{os.getpid()}@%h",
+        "--queues",
+        queues,
+        "--pool",
+        pool,
+        "--concurrency",
+        str(concurrency),
+        "--events",
+        "--loglevel",
+        log_level,
+        "--without-gossip",
+        "--without-mingle",
+    ]
+
+
+def _log_line(level: str, message: str, **fields: object) -> None:
+    """One log line on stderr, formatted like every other line the worker writes
+    (``OUTLAST_LOG_FORMAT``)."""
+    import logging
+
+    from app.ops import logs
+
+    logger = logging.getLogger("outlast.worker")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        log_format = logs.resolve_format(settings.current().log_format)
+        handler.setFormatter(logs.formatter(log_format, "worker"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.log(logging.getLevelName(level), message, extra=fields)
+
+
+def _die_with_parent() -> None:
+    """In a pool's child process before exec: SIGKILL it when the supervisor dies
+    (Linux prctl PR_SET_PDEATHSIG), so a killed worker leaves no pool behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+READY_TIMEOUT_SECONDS = 120.0
+
+
+def _wait_ready(read_end: int, child: object, timeout: float) -> None:
+    """Wait until the pool writes to its ready pipe, exits, or ``timeout`` passes."""
+    import select
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and child.poll() is None:  # type: ignore[attr-defined]
+        readable, _, _ = select.select([read_end], [], [], 0.2)
+        if readable:
+            return
+
+
+def supervise(pools: dict[str, list[str]]) -> int:
+    """Run each pool as a child process in this process group; start again any that
+    exits while we are not stopping; on SIGTERM/SIGINT/SIGQUIT pass the signal on and
+    wait for all of them. Returns the exit code."""
+    import subprocess
+
+    children: dict[str, subprocess.Popen] = {}
+    stopping: list[int] = []
+
+    def on_signal(signum, _frame):
+        stopping.append(signum)
+        for child in children.values():
+            if child.poll() is None:
+                try:
+                    child.send_signal(signum)
+                except ProcessLookupError:
+                    pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, on_signal)
+    for n, (name, argv) in enumerate(pools.items()):
+        if stopping:
+            break
+        if n < len(pools) - 1:
+            # Each pool but the last starts the next once it is ready (a byte on a pipe).
+            read_end, write_end = os.pipe()
+            env = {**os.environ, "OUTLAST_READY_FD": str(write_end)}
+            children[name] = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+                env=env,
+                pass_fds=(write_end,),
+            )
+            os.close(write_end)
+            _wait_ready(read_end, children[name], READY_TIMEOUT_SECONDS)
+            os.close(read_end)
+        else:
+            children[name] = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+            )
+    restart_at: dict[str, float] = {}
+    while True:
+        if stopping:
+            codes = [child.wait() for child in children.values()]
+            return max((abs(c) for c in codes), default=0)
+        for name, child in list(children.items()):
+            code = child.poll()
+            if code is None:
+                continue
+            if name not in restart_at:
+                _log_line(
+                    "ERROR",
+                    f"the {name} pool exited with {code}; starting it again",
+                    pool=name,
+                    exit_code=code,
+                )
+                restart_at[name] = time.monotonic() + RESTART_DELAY_SECONDS
+            elif time.monotonic() >= restart_at[name]:
+                del restart_at[name]
+                children[name] = subprocess.Popen(
+                    pools[name], stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+                )
+        time.sleep(0.2)
+
+
 @click.command("worker")
-@click.option("--concurrency", type=int, default=None, help="Pool processes (default: cores).")
-@click.option("--queues", default="steps,webhooks,maintenance", show_default=True)
-def worker(concurrency: int | None, queues: str) -> None:
-    """The Celery worker that runs steps, webhook deliveries and sweeps."""
+@click.option("--concurrency", type=int, default=None, help="Step pool processes (default: cores).")
+@click.option("--queues", default="steps", show_default=True, help="Queues of the step pool.")
+@click.option(
+    "--side-threads",
+    type=int,
+    default=SIDE_THREADS,
+    show_default=True,
+    help="Threads of the pool that runs sweeps and webhook sends (0: none).",
+)
+def worker(concurrency: int | None, queues: str, side_threads: int) -> None:
+    """The Celery worker: a prefork pool that runs agent steps, and a thread pool of its
+    own for the beat's sweeps and webhook deliveries (so neither waits behind steps).
+    Both are child processes of this one, each started again if it exits unexpectedly."""
     cfg = settings.current()
-    _exec(
-        [
-            _bin("celery"),
-            "--quiet",  # no banner: every line on stderr is a JSON log line
-            "-A",
-            CELERY_TARGET,
-            "worker",
-            "--queues",
-            queues,
-            "--concurrency",
-            str(concurrency or cfg.worker_concurrency),
-            "--events",
-            "--loglevel",
-            cfg.log_level,
-            "--without-gossip",
-            "--without-mingle",
-        ]
-    )
+    pools = {
+        "steps": _celery_worker_argv(
+            "steps", queues, "prefork", concurrency or cfg.worker_concurrency, cfg.log_level
+        )
+    }
+    if side_threads > 0:
+        pools["side"] = _celery_worker_argv(
+            "side", SIDE_QUEUES, "threads", side_threads, cfg.log_level
+        )
+    sys.exit(supervise(pools))
 
 
 @click.command("beat")

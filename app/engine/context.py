@@ -86,6 +86,8 @@ class StepContext:
         self.usage: dict[str, Any] = dict(usage or budgets.EMPTY_USAGE)
         self._budget = budget
         self.refused: BudgetExhausted | None = None  # the call the budget refused, if any
+        # Set when a re-run asked a logged call with another tool or other arguments.
+        self.nondeterministic: str | None = None
 
     # --- side effects -------------------------------------------------------------------
 
@@ -199,15 +201,12 @@ class StepContext:
         self._calls += 1
         key = call_key(self.task_id, self.step, index)
         self.check_cancelled()
+        args_hash = tool_calls.args_hash(name, args)
         with db.transaction() as conn:
             row = tool_calls.get(conn, self.task_id, self.step, index)
-        if row is not None and row["name"] != name:
-            # The step function is not deterministic: replaying would hand call `index`
-            # another tool's output. Fail loudly instead.
-            raise AgentError(
-                f"call {index} of step {self.step} was {row['name']!r} and is now {name!r}; "
-                "a step must make the same calls in the same order when it is re-run"
-            )
+        if row is not None:
+            # Replaying would hand call `index` an output made for another call.
+            self._check_same_call(row, name, args_hash, index)
         if row is not None and row["status"] == tool_calls.COMPLETED:
             log.info("replaying %s call %d of step %d", name, index, self.step)
             metrics.tool_call(name, "replayed")
@@ -215,6 +214,7 @@ class StepContext:
         if row is not None and spec.reconcile is not None:
             found = spec.reconcile(key)
             if found is not NOT_FOUND:
+                found = tool_calls.storable(found)
                 with db.transaction() as conn:
                     self._count(tool_calls.complete(conn, self.task_id, self.step, index, found))
                 metrics.tool_call(name, "reconciled")
@@ -234,12 +234,15 @@ class StepContext:
                 call_index=index,
                 name=name,
                 key=key,
-                args=logged_args,
+                args=tool_calls.storable(logged_args),
                 lease_token=self._lease.token,
+                args_hash=args_hash,
             )
             if started is None:
                 again = tool_calls.get(conn, self.task_id, self.step, index)
         if started is None:
+            if again is not None:
+                self._check_same_call(again, name, args_hash, index)
             if again is not None and again["status"] == tool_calls.COMPLETED:
                 return again["output"]  # a concurrent run of this step finished it
             raise Cancelled("the task is no longer running this step")
@@ -252,7 +255,9 @@ class StepContext:
             check_cancelled=self.check_cancelled,
         )
         try:
-            output = spec.fn(call, **args)
+            # NUL characters and NaN (which jsonb refuses) are dropped: the side effect
+            # happened, the task goes on with what can be stored.
+            output = tool_calls.storable(spec.fn(call, **args))
             json.dumps(output)  # the log stores JSON; fail here, not at the checkpoint
         except Cancelled:
             raise
@@ -278,6 +283,23 @@ class StepContext:
         if usage is not None:  # None: another run of this step completed (and counted) it
             self.usage = dict(usage)
 
+    def _check_same_call(
+        self, row: Mapping[str, Any], name: str, args_hash: str, index: int
+    ) -> None:
+        if row["name"] != name:
+            self.nondeterministic = (
+                f"call {index} of step {self.step} was {row['name']!r} and is now {name!r}; "
+                "a step must make the same calls in the same order when it is re-run"
+            )
+        elif row["args_hash"] is not None and row["args_hash"] != args_hash:
+            self.nondeterministic = (
+                f"call {index} of step {self.step} ({name!r}) was made with other arguments; "
+                "a step must make the same calls with the same arguments when it is re-run"
+            )
+        else:
+            return
+        raise NondeterministicReplay(self.nondeterministic)
+
 
 @dataclasses.dataclass(frozen=True)
 class WaitForInputWithReason(WaitForInput):
@@ -294,6 +316,13 @@ class BudgetExhausted(Exception):
         super().__init__(budgets.message(limit, value))
         self.limit = limit
         self.value = value
+
+
+class NondeterministicReplay(AgentError):
+    """A re-run of a step asked a logged call index for another tool or with other
+    arguments: the task fails with ``nondeterministic_replay`` (the stored output is
+    never returned for a call it was not made for). The context remembers it, so an
+    agent that catches the exception cannot carry on."""
 
 
 def is_transient(exc: BaseException) -> bool:

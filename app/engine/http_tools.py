@@ -100,6 +100,12 @@ def _read_capped(response: requests.Response, max_bytes: int) -> tuple[bytes, bo
 
 
 def _decode(body: bytes, response: requests.Response) -> str:
+    """The page's text, NUL characters made spaces (PostgreSQL's jsonb cannot store
+    them, and a page's words stay apart)."""
+    return _decode_raw(body, response).replace("\x00", " ")
+
+
+def _decode_raw(body: bytes, response: requests.Response) -> str:
     charset = requests.utils.get_encoding_from_headers(response.headers)
     if (
         charset

@@ -64,7 +64,9 @@ class LeaseKeeper:
         return self.deadline_at is not None and datetime.now(UTC) >= self.deadline_at
 
     def held(self) -> bool:
-        """Checks the database: is the task still ``working`` under this lease?"""
+        """Checks the database: is the task still ``working`` under this lease, and has
+        the lease not expired? (A worker paused past its lease must not go on making
+        calls even before the reaper notices: another execution may be running.)"""
         if self.lost.is_set():
             return False
         if self.deadline_passed():
@@ -73,7 +75,7 @@ class LeaseKeeper:
             still = conn.execute(
                 sa.text(
                     "SELECT 1 FROM tasks WHERE id = :id AND lease_token = :token "
-                    "AND status = 'working'"
+                    "AND status = 'working' AND lease_expires_at > now()"
                 ),
                 {"id": self.task_id, "token": self.token},
             ).first()

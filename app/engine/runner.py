@@ -41,7 +41,12 @@ from sqlalchemy.engine import Connection, RowMapping
 
 from app import settings as settings_mod
 from app.engine import registry
-from app.engine.context import BudgetExhausted, StepContext, is_transient
+from app.engine.context import (
+    BudgetExhausted,
+    NondeterministicReplay,
+    StepContext,
+    is_transient,
+)
 from app.engine.lease import LeaseKeeper
 from app.ops import logs
 from app.store import budgets, db, db_errors, ids, lifecycle, outbox
@@ -58,6 +63,10 @@ COMMIT_ATTEMPTS = 4
 COMMIT_RETRY = Backoff(base=1.0, cap=4.0)
 
 
+# error.type of a task whose re-run asked a logged call with other arguments (V2.md 12).
+NONDETERMINISTIC_REPLAY = "nondeterministic_replay"
+
+
 def retry_delay(retries_done: int, base: float = 1.0) -> float:
     """Backoff before re-running a step that raised a transient error."""
     return Backoff(base=base, cap=RETRY_BACKOFF_MAX_SECONDS).delay(retries_done + 1)
@@ -72,8 +81,21 @@ class _NotRunnableHere(Exception):
         self.version = version
 
 
-def run_step(task_id: str, step: int) -> str:
+class OutageDuringStep(Exception):
+    """The database became unreachable after this message took the step's lease. The
+    Celery task retries the message with ``token``, so that the retry takes the lease
+    over instead of waiting for the reaper (which would add 1 to ``attempt``)."""
+
+    def __init__(self, token: str):
+        super().__init__(f"database unavailable during the step (lease {token[:8]}…)")
+        self.token = token
+
+
+def run_step(task_id: str, step: int, held_token: str | None = None) -> str:
     """Run step ``step`` of ``task_id`` if this message is the one to run it.
+
+    ``held_token`` is the lease this message took before a database outage interrupted
+    the step (see :class:`OutageDuringStep`).
 
     Returns what happened (for logs and tests): ``skipped`` (duplicate or stale
     message), ``rerouted`` (this process lacks the task's agent version: the message
@@ -85,7 +107,9 @@ def run_step(task_id: str, step: int) -> str:
     token = ids.new_token()
     try:
         with db.transaction() as conn:
-            task = lifecycle.acquire_lease(conn, task_id, step, token, cfg.lease_seconds)
+            task = lifecycle.acquire_lease(
+                conn, task_id, step, token, cfg.lease_seconds, previous_token=held_token
+            )
             plan = None
             if task is not None:
                 plan = registry.resolve(task["agent"], task["agent_version"])
@@ -114,7 +138,7 @@ def run_step(task_id: str, step: int) -> str:
         # worker_lost: a database outage is retried by the Celery task (the reaper then
         # resumes the step); anything else is this task's failure.
         if db_errors.is_database_unavailable(exc):
-            raise
+            raise OutageDuringStep(token) from exc
         log.exception("step %d of %s could not run", step, task_id)
         return _finish_failed(task_id, token, "agent_error", _describe(exc))
 
@@ -239,6 +263,10 @@ def _run_leased(
                 "step %d of %s stopped: the task was cancelled or its lease lost", step, task_id
             )
             return "discarded"
+        except NondeterministicReplay as exc:
+            if keeper.lost.is_set():
+                return "discarded"
+            return _finish_failed(task_id, token, NONDETERMINISTIC_REPLAY, str(exc))
         except SoftTimeLimitExceeded:
             return _finish_failed(task_id, token, "agent_error", "the step exceeded its time limit")
         except Exception as exc:
@@ -252,6 +280,8 @@ def _run_leased(
             return _finish_failed(task_id, token, "agent_error", _describe(exc))
         if keeper.lost.is_set():
             return "discarded"
+        if ctx.nondeterministic is not None:  # the agent caught NondeterministicReplay
+            return _finish_failed(task_id, token, NONDETERMINISTIC_REPLAY, ctx.nondeterministic)
         if ctx.refused is not None:  # the agent caught the refusal; it still stands
             return _budget_exhausted(task_id, token, task["budget"], ctx.refused)
         return _commit(task_id, step, token, outcome, started_at, task["attempt"])

@@ -221,13 +221,22 @@ def create(
 
 
 def acquire_lease(
-    conn: Connection, task_id: str, step: int, token: str, lease_seconds: float
+    conn: Connection,
+    task_id: str,
+    step: int,
+    token: str,
+    lease_seconds: float,
+    previous_token: str | None = None,
 ) -> RowMapping | None:
     """Take the lease on step ``step``; ``pending`` becomes ``working`` (``task.started``).
 
     Matches only when the task is runnable, at exactly this step, not sleeping, and no
     lease is held: a duplicate or stale message gets ``None`` and must drop its work.
     An expired lease is not taken over here; the reaper clears it (attempt + 1) first.
+
+    ``previous_token``: the lease this same message took before a database outage
+    interrupted its step (the Celery retry of that message). It is taken over, under the
+    new ``token``, as long as the reaper has not cleared it: an outage costs no attempt.
     """
     row = (
         conn.execute(
@@ -237,10 +246,16 @@ def acquire_lease(
                 "started_at = COALESCE(started_at, now()), updated_at = now(), "
                 "last_seq = last_seq + CASE WHEN status = 'pending' THEN 1 ELSE 0 END "
                 "WHERE id = :task_id AND step = :step AND status IN ('pending', 'working') "
-                "AND lease_token IS NULL AND wake_at IS NULL "
+                "AND (lease_token IS NULL OR lease_token = :previous) AND wake_at IS NULL "
                 f"RETURNING {TASK_COLUMNS}, (started_at = now() AND step = 0) AS just_started"
             ),
-            {"task_id": task_id, "step": step, "token": token, "lease": lease_seconds},
+            {
+                "task_id": task_id,
+                "step": step,
+                "token": token,
+                "lease": lease_seconds,
+                "previous": previous_token,
+            },
         )
         .mappings()
         .one_or_none()

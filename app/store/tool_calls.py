@@ -9,7 +9,9 @@ cancelled (or its lease is lost) no new call can start.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from typing import Any
 
 import sqlalchemy as sa
@@ -22,9 +24,48 @@ COMPLETED = "completed"
 FAILED = "failed"
 
 _COLUMNS = (
-    "task_id, step_index, call_index, name, idempotency_key, status, args, output, error, "
-    "attempts, started_at, finished_at"
+    "task_id, step_index, call_index, name, idempotency_key, status, args, args_hash, output, "
+    "error, attempts, started_at, finished_at"
 )
+
+
+def args_hash(name: str, args: Any) -> str:
+    """A hash of a call's tool name and full arguments (the log may keep only a summary
+    of the arguments): a re-run that asks the same call index with other arguments is
+    told apart from a replay. Canonical JSON (sorted keys); anything not JSON by its
+    ``repr``."""
+    canonical = json.dumps(
+        [name, args], sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=repr
+    )
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def storable(value: Any) -> Any:
+    """``value`` as PostgreSQL's jsonb accepts it: NUL characters removed from strings
+    (and keys), NaN and infinities replaced by ``null``, lone surrogates replaced. A
+    tool's output goes through this before it is logged and returned, so a replay hands
+    the step exactly what the first run saw."""
+    if isinstance(value, str):
+        return _clean_text(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {
+            (_clean_text(k) if isinstance(k, str) else k): storable(v) for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [storable(v) for v in value]
+    return value
+
+
+def _clean_text(text: str) -> str:
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: jsonb refuses their escapes
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
 
 
 def get(conn: Connection, task_id: str, step: int, call_index: int) -> RowMapping | None:
@@ -52,22 +93,27 @@ def begin(
     key: str,
     args: Any,
     lease_token: str,
+    args_hash: str | None = None,
 ) -> RowMapping | None:
     """Record that the call is about to be made (``started``; ``attempts`` + 1 on a
-    repeat). Fenced on the lease: ``None`` when the task is no longer ``working`` under
-    ``lease_token`` (cancelled, failed, reaped) or the call completed meanwhile."""
+    repeat). Fenced on the lease, checked here right before the call is made: ``None``
+    when the task is no longer ``working`` under ``lease_token`` (cancelled, failed,
+    reaped), the lease has expired (a worker paused past it, not yet reaped), the call
+    completed meanwhile, or it was logged with other arguments (``args_hash``)."""
     return (
         conn.execute(
             sa.text(
                 "INSERT INTO tool_calls (task_id, step_index, call_index, name, "
-                "idempotency_key, status, args) "
-                "SELECT t.id, :step, :call, :name, :key, 'started', CAST(:args AS jsonb) "
-                "FROM tasks t WHERE t.id = :task_id AND t.lease_token = :token "
-                "AND t.status = 'working' "
+                "idempotency_key, status, args, args_hash) "
+                "SELECT t.id, :step, :call, :name, :key, 'started', CAST(:args AS jsonb), "
+                ":args_hash FROM tasks t WHERE t.id = :task_id AND t.lease_token = :token "
+                "AND t.status = 'working' AND t.lease_expires_at > now() "
                 "ON CONFLICT (task_id, step_index, call_index) DO UPDATE "
                 "SET status = 'started', attempts = tool_calls.attempts + 1, error = NULL, "
-                "started_at = now(), finished_at = NULL "
-                "WHERE tool_calls.status <> 'completed' "
+                "started_at = now(), finished_at = NULL, "
+                "args_hash = COALESCE(tool_calls.args_hash, EXCLUDED.args_hash) "
+                "WHERE tool_calls.status <> 'completed' AND (tool_calls.args_hash IS NULL "
+                "OR EXCLUDED.args_hash IS NULL OR tool_calls.args_hash = EXCLUDED.args_hash) "
                 f"RETURNING {_COLUMNS}"
             ),
             {
@@ -78,6 +124,7 @@ def begin(
                 "key": key,
                 "args": json.dumps(args),
                 "token": lease_token,
+                "args_hash": args_hash,
             },
         )
         .mappings()
@@ -91,9 +138,11 @@ def complete(
     """Store the call's output and count the call in ``tasks.usage`` (V2.md section 1)
     in the same statement; returns the task's usage after it.
 
-    Not fenced: the side effect happened whatever became of the lease, and a later run
-    of this step must replay rather than repeat it. A call already completed is left
-    alone and not counted again (``None``): usage counts each completed call once.
+    Give ``output`` to :func:`storable` first. Not fenced: the side effect happened
+    whatever became of the lease, and a later run of this step must replay rather than
+    repeat it. The first writer wins: a call already completed (by a newer execution
+    while this one's worker was paused) is left alone and not counted again (``None``):
+    usage counts each completed call once.
     """
     as_model_call = budgets.added(budgets.EMPTY_USAGE, budgets.MODEL_TOOL, output)
     is_model = f"done.name = '{budgets.MODEL_TOOL}'"

@@ -23,6 +23,9 @@ import email.utils
 import json
 import logging
 import random
+import re
+import socket
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -72,26 +75,39 @@ def retry_delay(retry_number: int, base_seconds: float, rng: random.Random | Non
     return Backoff(base=base_seconds, cap=RETRY_CAP_SECONDS, jitter=True).delay(retry_number, rng)
 
 
+_DELAY_SECONDS = re.compile(r"[0-9]{1,12}")
+
+
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """A ``Retry-After`` header (seconds or an HTTP date) in seconds from now, or ``None``."""
+    """A ``Retry-After`` header (seconds or an HTTP date) in seconds from now, or ``None``
+    for anything else. Never raises: the header is the receiver's text (``²`` passes
+    ``str.isdigit``; a date in year 99999999999 overflows ``datetime``)."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _DELAY_SECONDS.fullmatch(value):
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    except Exception:  # TypeError, ValueError, OverflowError, IndexError ...
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def send_lease_seconds(settings: Settings) -> float:
     """How long a claimed delivery stays with its sender before it is due again: well
-    past the longest attempt, so only a sender that died loses it."""
+    past the longest attempt (:func:`send` ends every attempt after
+    ``webhook_timeout_seconds`` of wall-clock time, plus the recording), so only a sender
+    that died loses it."""
     return 2 * settings.webhook_timeout_seconds + 5
+
+
+# A delivery that finds its tenant at OUTLAST_WEBHOOK_CONCURRENCY_PER_TENANT sends in
+# flight waits this long (at most one sweep interval) before it is tried again.
+def busy_wait_seconds(settings: Settings) -> float:
+    return min(1.0, settings.webhook_sweep_seconds)
 
 
 def requeue_after_seconds(settings: Settings) -> float:
@@ -136,73 +152,195 @@ def send(
     """POST ``body`` to ``url`` once and classify the answer; never raises for network
     or receiver errors. A ``2xx`` within ``timeout_seconds`` in total is delivered; a
     redirect is not followed (a failure); the SSRF guard runs on the URL and again on
-    the connected address unless ``allow_private``."""
+    the connected address unless ``allow_private``.
+
+    ``timeout_seconds`` is a wall-clock deadline for the whole attempt (DNS, connect,
+    send, the status line and headers): the exchange runs in a thread of its own, and
+    at the deadline its sockets are shut down, which ends any blocked read at once. A
+    receiver that trickles a byte a second is cut off like one that never answers.
+    (A DNS lookup cannot be interrupted; the attempt ends anyway and the thread ends
+    when the resolver gives up.)
+    """
     started = time.monotonic()
 
     def took() -> int:
         return int((time.monotonic() - started) * 1000)
 
-    try:
-        urlguard.check_url(url, allow_private=allow_private)
-    except urlguard.UnsafeUrl as exc:
-        return Outcome(False, error=_short(f"refused by the SSRF guard: {exc}"), duration_ms=took())
-    request_headers = {
-        **headers,
-        "Content-Type": "application/json",
-        "User-Agent": USER_AGENT,
-    }
-    session = urlguard.guarded_session(allow_private=allow_private)
-    try:
-        # stream=True: we stop after the status line and headers; the body is not needed.
-        with session.post(
-            url,
-            data=body,
-            headers=request_headers,
-            timeout=(timeout_seconds, timeout_seconds),
-            allow_redirects=False,
-            stream=True,
-        ) as response:
-            code = response.status_code
-            retry_after_header = response.headers.get("Retry-After")
-    except urlguard.UnsafeUrl as exc:
-        return Outcome(False, error=_short(f"refused by the SSRF guard: {exc}"), duration_ms=took())
-    except requests.Timeout:
+    exchange = _Exchange(url, body, headers, timeout_seconds, allow_private, started)
+    thread = threading.Thread(target=exchange.run, name="webhook-send", daemon=True)
+    thread.start()
+    if not exchange.done.wait(timeout_seconds):
+        exchange.abort()
+        exchange.done.wait(1.0)  # let the thread unwind from the shut-down socket
         return Outcome(
             False, error=f"no answer within {timeout_seconds:g}s (timeout)", duration_ms=took()
         )
-    except requests.RequestException as exc:
-        return Outcome(False, error=_short(f"request failed: {exc}"), duration_ms=took())
-    except Exception as exc:  # a customer URL must never crash the sender: record, retry
-        log.exception("unexpected error sending a webhook to %s", url)
-        return Outcome(False, error=_short(f"request failed: {exc!r}"), duration_ms=took())
-    finally:
-        session.close()
-    duration_ms = took()
-    if duration_ms > timeout_seconds * 1000:
+    assert exchange.outcome is not None
+    return exchange.outcome
+
+
+class _Exchange:
+    """One HTTP exchange for :func:`send`, run in its own thread so that the attempt's
+    deadline can end it: every socket it opens is registered, :meth:`abort` shuts them
+    down."""
+
+    def __init__(
+        self,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        timeout_seconds: float,
+        allow_private: bool,
+        started: float,
+    ):
+        self.url = url
+        self.body = body
+        self.headers = headers
+        self.timeout_seconds = timeout_seconds
+        self.allow_private = allow_private
+        self.started = started
+        self.done = threading.Event()
+        self.outcome: Outcome | None = None
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._aborted = False
+
+    def _register(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            aborted = self._aborted
+        if aborted:
+            _shut(sock)
+
+    def abort(self) -> None:
+        with self._lock:
+            self._aborted = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut(sock)
+
+    def run(self) -> None:
+        try:
+            self.outcome = self._exchange()
+        except BaseException as exc:  # never let a customer URL crash the sender
+            self.outcome = Outcome(
+                False, error=_short(f"request failed: {exc!r}"), duration_ms=self._took()
+            )
+        finally:
+            self.done.set()
+
+    def _took(self) -> int:
+        return int((time.monotonic() - self.started) * 1000)
+
+    def _remaining(self) -> float:
+        return max(0.001, self.timeout_seconds - (time.monotonic() - self.started))
+
+    def _exchange(self) -> Outcome:
+        url, timeout_seconds, took = self.url, self.timeout_seconds, self._took
+        try:
+            urlguard.check_url(url, allow_private=self.allow_private)
+        except urlguard.UnsafeUrl as exc:
+            return Outcome(
+                False, error=_short(f"refused by the SSRF guard: {exc}"), duration_ms=took()
+            )
+        request_headers = {
+            **self.headers,
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+        }
+        session = urlguard.guarded_session(allow_private=self.allow_private)
+        _track_sockets(session, self._register)
+        try:
+            remaining = self._remaining()
+            # stream=True: we stop after the status line and headers; the body is not needed.
+            with session.post(
+                url,
+                data=self.body,
+                headers=request_headers,
+                timeout=(remaining, remaining),
+                allow_redirects=False,
+                stream=True,
+            ) as response:
+                code = response.status_code
+                retry_after_header = response.headers.get("Retry-After")
+        except urlguard.UnsafeUrl as exc:
+            return Outcome(
+                False, error=_short(f"refused by the SSRF guard: {exc}"), duration_ms=took()
+            )
+        except requests.Timeout:
+            return Outcome(
+                False, error=f"no answer within {timeout_seconds:g}s (timeout)", duration_ms=took()
+            )
+        except requests.RequestException as exc:
+            if self._aborted:
+                return Outcome(
+                    False,
+                    error=f"no answer within {timeout_seconds:g}s (timeout)",
+                    duration_ms=took(),
+                )
+            return Outcome(False, error=_short(f"request failed: {exc}"), duration_ms=took())
+        except Exception as exc:  # a customer URL must never crash the sender: record, retry
+            log.exception("unexpected error sending a webhook to %s", url)
+            return Outcome(False, error=_short(f"request failed: {exc!r}"), duration_ms=took())
+        finally:
+            session.close()
+        duration_ms = took()
+        if duration_ms > timeout_seconds * 1000:
+            return Outcome(
+                False,
+                status_code=code,
+                error=f"answered {code} after the {timeout_seconds:g}s timeout",
+                duration_ms=duration_ms,
+            )
+        if 200 <= code < 300:
+            return Outcome(True, status_code=code, duration_ms=duration_ms)
+        if code == 410:
+            return Outcome(
+                False,
+                status_code=code,
+                gone=True,
+                error="410 Gone: the receiver asked for no more deliveries",
+                duration_ms=duration_ms,
+            )
+        if 300 <= code < 400:
+            error = f"redirect ({code}) not followed"
+        else:
+            error = f"HTTP {code}"
+        retry_after = parse_retry_after(retry_after_header) if code in (429, 503) else None
         return Outcome(
-            False,
-            status_code=code,
-            error=f"answered {code} after the {timeout_seconds:g}s timeout",
-            duration_ms=duration_ms,
+            False, status_code=code, error=error, retry_after=retry_after, duration_ms=duration_ms
         )
-    if 200 <= code < 300:
-        return Outcome(True, status_code=code, duration_ms=duration_ms)
-    if code == 410:
-        return Outcome(
-            False,
-            status_code=code,
-            gone=True,
-            error="410 Gone: the receiver asked for no more deliveries",
-            duration_ms=duration_ms,
-        )
-    if 300 <= code < 400:
-        error = f"redirect ({code}) not followed"
-    else:
-        error = f"HTTP {code}"
-    retry_after = parse_retry_after(retry_after_header) if code in (429, 503) else None
-    return Outcome(
-        False, status_code=code, error=error, retry_after=retry_after, duration_ms=duration_ms
-    )
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _track_sockets(session: requests.Session, register: Any) -> None:
+    """Make every connection ``session`` opens hand its socket to ``register`` (the
+    urllib3 connection classes of each adapter, the SSRF-guarded ones included, gain a
+    ``_new_conn`` that registers)."""
+    for adapter in set(session.adapters.values()):
+        manager = getattr(adapter, "poolmanager", None)
+        if manager is None:
+            continue
+        tracked = {}
+        for scheme, pool_cls in manager.pool_classes_by_scheme.items():
+            base_conn = pool_cls.ConnectionCls
+
+            def _new_conn(self, _base=base_conn):  # type: ignore[no-untyped-def]
+                sock = _base._new_conn(self)
+                register(sock)
+                return sock
+
+            conn_cls = type(f"Tracked{base_conn.__name__}", (base_conn,), {"_new_conn": _new_conn})
+            tracked[scheme] = type(
+                f"Tracked{pool_cls.__name__}", (pool_cls,), {"ConnectionCls": conn_cls}
+            )
+        manager.pool_classes_by_scheme = tracked
 
 
 # --- claim, send, record ----------------------------------------------------------------------
@@ -231,6 +369,27 @@ def _abandon_previous_attempt(conn: Connection, delivery_id: str, attempt: int) 
     )
 
 
+def _tenant_has_capacity(conn: Connection, tenant_id: str, settings: Settings) -> bool:
+    """Whether the tenant has fewer than ``webhook_concurrency_per_tenant`` sends in
+    flight (a claimed attempt with no outcome yet, its send lease running). A
+    transaction-scoped advisory lock per tenant makes the count and the claim that
+    follows one step for concurrent claimers of the same tenant."""
+    conn.execute(
+        sa.text("SELECT pg_advisory_xact_lock(hashtextextended('outlast.webhooks:' || :t, 0))"),
+        {"t": tenant_id},
+    )
+    in_flight = conn.execute(
+        sa.text(
+            "SELECT count(*) FROM webhook_deliveries d JOIN webhook_attempts a "
+            "ON a.delivery_id = d.id AND a.attempt = d.attempts "
+            "WHERE d.tenant_id = :t AND d.status = 'pending' AND d.next_attempt_at > now() "
+            "AND a.status_code IS NULL AND a.error IS NULL"
+        ),
+        {"t": tenant_id},
+    ).scalar_one()
+    return in_flight < settings.webhook_concurrency_per_tenant
+
+
 def claim(delivery_id: str, settings: Settings) -> Claim | None:
     """Take a due, pending delivery for one attempt; ``None`` when it is not due, already
     being sent, finished, or out of attempts (then it is marked ``failed``)."""
@@ -248,6 +407,17 @@ def claim(delivery_id: str, settings: Settings) -> Claim | None:
             .one_or_none()
         )
         if row is None:
+            return None
+        if not _tenant_has_capacity(conn, row["tenant_id"], settings):
+            # OUTLAST_WEBHOOK_CONCURRENCY_PER_TENANT sends of this tenant are in flight:
+            # no attempt is counted; the sweep queues this one again shortly.
+            conn.execute(
+                sa.text(
+                    "UPDATE webhook_deliveries SET enqueued_at = NULL, "
+                    "next_attempt_at = now() + make_interval(secs => :wait) WHERE id = :id"
+                ),
+                {"id": delivery_id, "wait": busy_wait_seconds(settings)},
+            )
             return None
         if row["attempts"] > 0:
             _abandon_previous_attempt(conn, delivery_id, row["attempts"])
