@@ -142,7 +142,8 @@ def complete(
     whatever became of the lease, and a later run of this step must replay rather than
     repeat it. The first writer wins: a call already completed (by a newer execution
     while this one's worker was paused) is left alone and not counted again (``None``):
-    usage counts each completed call once.
+    usage counts each completed call once. A terminal task's usage is left as it is
+    (``None`` too).
     """
     as_model_call = budgets.added(budgets.EMPTY_USAGE, budgets.MODEL_TOOL, output)
     is_model = f"done.name = '{budgets.MODEL_TOOL}'"
@@ -160,7 +161,11 @@ def complete(
             "ELSE 0 END, "
             f"'output_tokens', {_used('output_tokens')} + CASE WHEN {is_model} "
             "THEN :output_tokens ELSE 0 END) "
-            "FROM done WHERE tasks.id = :task_id RETURNING tasks.usage"
+            # A terminal task never changes again: a call that completes after a cancel
+            # is logged (a re-run must not repeat it) but not added to the final usage.
+            "FROM done WHERE tasks.id = :task_id "
+            "AND tasks.status NOT IN ('completed', 'failed', 'cancelled') "
+            "RETURNING tasks.usage"
         ),
         {
             "task_id": task_id,
