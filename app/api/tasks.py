@@ -1,5 +1,5 @@
 """/v1/tasks: submit, read (with ETag and the ``?wait=N`` long poll), list with cursors,
-the checkpoint log, cancel, and human input."""
+the checkpoint log, cancel, human input, acknowledge, delete."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Any
 from flask import Response, g, request
 from flask.views import MethodView
 from flask_smorest import Blueprint
+from marshmallow import RAISE
 from sqlalchemy.engine import Connection, RowMapping
 
 from app.api import queries, schemas
@@ -22,7 +23,8 @@ from app.api.auth import current_tenant
 from app.api.jsonbody import json_body
 from app.api.longpoll import wait_for
 from app.errors import NotFound, TaskNotWaiting, TaskTerminal, ValidationFailed
-from app.store import db, lifecycle, outbox, submission, tool_calls
+from app.ops import metrics
+from app.store import db, lifecycle, outbox, retention, submission, tool_calls
 from app.store.representation import rfc3339, task_json
 from app.validation import schema_errors
 
@@ -166,12 +168,15 @@ class TaskCollection(MethodView):
             headers["Idempotent-Replayed"] = "true"
         return task_response(result.task, 202, **headers)
 
-    @blueprint.arguments(schemas.ListTasksQuery, location="query")
+    # A misspelt filter is refused, not ignored: ?acknowleged=false must not list every
+    # task to a client about to acknowledge what it lists.
+    @blueprint.arguments(schemas.ListTasksQuery, location="query", unknown=RAISE)
     @blueprint.response(200, schemas.TaskPageSchema)
     def get(self, query: dict[str, Any]) -> Response:
         """List tasks, newest first.
 
         Cursor paging is stable while new tasks arrive: pass next_cursor back as cursor.
+        acknowledged=false lists the finished results not yet acknowledged.
         """
         with db.engine().connect() as conn:
             rows = queries.list_tasks(
@@ -180,6 +185,7 @@ class TaskCollection(MethodView):
                 limit=query["limit"] + 1,
                 status=query.get("status"),
                 agent=query.get("agent"),
+                acknowledged=query.get("acknowledged"),
                 before=decode_cursor(query["cursor"]) if "cursor" in query else None,
             )
         page = rows[: query["limit"]]
@@ -227,6 +233,23 @@ class TaskItem(MethodView):
                     not_modified.headers[name] = response.headers[name]
             return not_modified
         return response
+
+    @blueprint.response(204, description="Deleted, with everything recorded about it.")
+    @blueprint.alt_response(404, response="NOT_FOUND")
+    @blueprint.alt_response(409, response="CONFLICT", description="task_not_terminal")
+    def delete(self, task_id: str) -> Response:
+        """Delete a finished task at once, with everything recorded about it.
+
+        Its events, checkpoints, tool-call log, webhook deliveries (one that no sender
+        has taken yet is never sent) and Idempotency-Key go in one transaction: then GET
+        answers 404 and the old key creates a new task. A task not yet terminal is a 409
+        task_not_terminal.
+        """
+        if not TASK_ID.match(task_id):
+            raise NotFound("No task with this id.")
+        retention.delete(task_id, current_tenant())
+        metrics.tasks_deleted("request")
+        return Response(status=204)
 
 
 def _wait_for_change(task_id: str, row: RowMapping, wait: float) -> RowMapping:
@@ -299,6 +322,25 @@ class TaskCancel(MethodView):
                 row = load_task(conn, task_id)
                 if row["status"] != lifecycle.Status.CANCELLED:
                     raise TaskTerminal(f"The task is already {row['status']}.")
+        return task_response(row)
+
+
+@blueprint.route("/tasks/<task_id>/ack")
+class TaskAck(MethodView):
+    @blueprint.response(200, schemas.TaskSchema, headers={"ETag": TASK_HEADERS["ETag"]})
+    @blueprint.alt_response(404, response="NOT_FOUND")
+    @blueprint.alt_response(409, response="CONFLICT", description="task_not_terminal")
+    def post(self, task_id: str) -> Response:
+        """Acknowledge a finished task's result: it gets acknowledged_at.
+
+        Acknowledging again answers the same acknowledged_at. The task is purged
+        OUTLAST_TASK_RETENTION_DAYS later; a task not yet terminal is a 409
+        task_not_terminal.
+        """
+        if not TASK_ID.match(task_id):
+            raise NotFound("No task with this id.")
+        with db.transaction() as conn:
+            row = retention.acknowledge(conn, task_id, current_tenant())
         return task_response(row)
 
 

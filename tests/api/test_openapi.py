@@ -49,6 +49,7 @@ def test_openapi_document_lists_every_v1_path_and_method(client, flask_app):
         "/v1/tasks/{task_id}/cancel",
         "/v1/tasks/{task_id}/input",
         "/v1/tasks/{task_id}/events",
+        "/v1/tasks/{task_id}/ack",
     ]:
         assert path in document["paths"], path
 
