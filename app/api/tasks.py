@@ -1,5 +1,5 @@
-"""/v1/tasks: submit, read (with ETag and the ``?wait=N`` long poll), list with cursors,
-the checkpoint log, cancel, human input, acknowledge, delete."""
+"""/v1/tasks: submit (with ``Prefer: wait=N``), read (with ETag and the ``?wait=N`` long
+poll), list with cursors, the checkpoint log, cancel, human input, acknowledge, delete."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import binascii
 import hashlib
 import json
 import re
+import time
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -18,11 +19,11 @@ from flask_smorest import Blueprint
 from marshmallow import RAISE
 from sqlalchemy.engine import Connection, RowMapping
 
-from app.api import queries, schemas
+from app.api import prefer, queries, schemas
 from app.api.auth import current_tenant
 from app.api.jsonbody import json_body
 from app.api.longpoll import wait_for
-from app.errors import NotFound, TaskNotWaiting, TaskTerminal, ValidationFailed
+from app.errors import NotFound, RateLimited, TaskNotWaiting, TaskTerminal, ValidationFailed
 from app.ops import metrics
 from app.store import db, lifecycle, outbox, retention, submission, tool_calls
 from app.store.representation import rfc3339, task_json
@@ -41,6 +42,10 @@ RETRY_AFTER_SECONDS = {
     lifecycle.Status.INPUT_REQUIRED: 5,
 }
 
+# A task in one of these needs its client before anything more happens: a ``Prefer:
+# wait`` submission answers as soon as its task reaches one.
+SETTLED = lifecycle.TERMINAL | {lifecycle.Status.INPUT_REQUIRED}
+
 TASK_HEADERS = {
     "ETag": {
         "description": "Tag of this representation, for If-None-Match.",
@@ -50,6 +55,12 @@ TASK_HEADERS = {
         "description": "Suggested poll interval in seconds; only while the task is not terminal.",
         "schema": {"type": "integer"},
     },
+}
+
+
+PREFERENCE_APPLIED_HEADER = {
+    "description": "wait=N when the request's Prefer: wait=N was honoured.",
+    "schema": {"type": "string", "example": "wait=10"},
 }
 
 
@@ -137,7 +148,16 @@ class TaskCollection(MethodView):
                 "schema": {"type": "string", "enum": ["true"]},
             },
             **TASK_HEADERS,
+            "Preference-Applied": PREFERENCE_APPLIED_HEADER,
         },
+    )
+    @blueprint.alt_response(
+        200,
+        schema=schemas.TaskSchema,
+        description="With Prefer: wait=N, the task finished or asks for input within N "
+        "seconds: the task as it is then.",
+        headers={"Preference-Applied": PREFERENCE_APPLIED_HEADER, **TASK_HEADERS},
+        success=True,
     )
     @blueprint.alt_response(400, response="BAD_REQUEST")
     @blueprint.alt_response(409, response="CONFLICT")
@@ -152,21 +172,51 @@ class TaskCollection(MethodView):
                 "required": False,
                 "description": "1 to 255 printable ASCII characters; scoped to the tenant.",
                 "schema": {"type": "string", "minLength": 1, "maxLength": 255},
-            }
+            },
+            {
+                "in": "header",
+                "name": "Prefer",
+                "required": False,
+                "description": "RFC 7240. wait=N (N from 1 to 60): answer 200 with the task "
+                "as soon as it is terminal or input_required, or 202 after N seconds; "
+                "honoured on an idempotent replay too. Other preferences, and wait out of "
+                "range, are ignored.",
+                "schema": {"type": "string", "example": "wait=10"},
+            },
         ]
     )
     def post(self, task: dict[str, Any]) -> Response:
         """Submit a task.
 
         The task is stored, with its task.created event and the message that runs its
-        first step, in one transaction before the answer is sent.
+        first step, in one transaction before the answer is sent. With Prefer: wait=N
+        the answer waits up to N seconds for the task to finish or ask for input.
         """
+        started = time.monotonic()
+        wait = prefer.wait_seconds(request.headers.getlist("Prefer"))
         key = submission.check_idempotency_key(request.headers.get("Idempotency-Key"))
         result = submission.submit(current_tenant(), task, body=g.json_body, idempotency_key=key)
         headers = {"Location": f"/v1/tasks/{result.task['id']}"}
         if result.replayed:
             headers["Idempotent-Replayed"] = "true"
-        return task_response(result.task, 202, **headers)
+        if wait is None:
+            return task_response(result.task, 202, **headers)
+        row = result.task
+        if row["status"] not in SETTLED:
+            try:
+                row = wait_for(
+                    row["id"],
+                    current_tenant(),
+                    lambda: read_task(result.task["id"]),
+                    lambda r: r["status"] in SETTLED,
+                    started + wait - time.monotonic(),
+                )
+            except RateLimited:
+                # Every waiter slot of the tenant is taken: the task stands, the
+                # preference is ignored (RFC 7240 lets a server do that).
+                return task_response(result.task, 202, **headers)
+        headers["Preference-Applied"] = prefer.applied_wait(wait)
+        return task_response(row, 200 if row["status"] in SETTLED else 202, **headers)
 
     # A misspelt filter is refused, not ignored: ?acknowleged=false must not list every
     # task to a client about to acknowledge what it lists.
