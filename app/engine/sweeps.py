@@ -29,7 +29,7 @@ from sqlalchemy.engine import Connection
 
 from app import settings as settings_mod
 from app.ops import metrics
-from app.store import db, lifecycle, messages, outbox, retention
+from app.store import db, db_errors, lifecycle, messages, outbox, retention
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,6 @@ PURGE_BATCH_TARGET_SECONDS = 0.03
 PURGE_BATCH_MAX = 200
 # A batch that would wait longer than this for a lock gives up (and the run ends).
 PURGE_LOCK_TIMEOUT_MS = 100
-LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of lock_timeout
 
 # Acknowledged tasks, OUTLAST_TASK_RETENTION_DAYS after acknowledged_at (tasks_acknowledged).
 _ACKNOWLEDGED_DUE = sa.text(
@@ -291,7 +290,7 @@ def purge_old_tasks(
                 elif took < PURGE_BATCH_TARGET_SECONDS / 2:
                     limit = min(batch_max, limit * 2)
     except sa.exc.OperationalError as exc:
-        if getattr(exc.orig, "pgcode", None) != LOCK_NOT_AVAILABLE:
+        if db_errors.sqlstate(exc) != db_errors.LOCK_NOT_AVAILABLE:
             raise
         log.info("purge run ended early: a row it needs is locked (next run retries)")
     finally:

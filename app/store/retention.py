@@ -21,10 +21,9 @@ import sqlalchemy.exc as sa_exc
 from sqlalchemy.engine import Connection, RowMapping
 
 from app.errors import NotFound, TaskNotTerminal
-from app.store import db, lifecycle, messages
+from app.store import db, db_errors, lifecycle, messages
 from app.store.representation import TASK_COLUMNS
 
-DEADLOCK_DETECTED = "40P01"  # SQLSTATE
 # A delete that deadlocks with a webhook sender recording an attempt is tried again.
 DELETE_ATTEMPTS = 3
 
@@ -103,6 +102,6 @@ def delete(task_id: str, tenant_id: str) -> None:
                 delete_rows(conn, [task_id])
             return
         except sa_exc.OperationalError as exc:
-            deadlocked = getattr(exc.orig, "pgcode", None) == DEADLOCK_DETECTED
+            deadlocked = db_errors.sqlstate(exc) == db_errors.DEADLOCK_DETECTED
             if not deadlocked or attempt == DELETE_ATTEMPTS:
                 raise
