@@ -117,6 +117,10 @@ class TaskNotWaiting(ApiError):
     status, code, title = 409, "task_not_waiting", "Task not waiting for input"
 
 
+class TaskNotTerminal(ApiError):
+    status, code, title = 409, "task_not_terminal", "Task not finished"
+
+
 class Unavailable(ApiError):
     status, code, title = 503, "unavailable", "Service unavailable"
 

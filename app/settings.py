@@ -87,7 +87,8 @@ class Settings:
     tools_deny_private: bool = False  # OUTLAST_TOOLS_DENY_PRIVATE: SSRF guard on agent tools
     max_body_bytes: int = 1048576
     max_checkpoint_bytes: int = 8 * 1048576  # a step's state or result, as JSON
-    task_retention_days: int = 30
+    task_retention_days: int = 30  # after acknowledged_at (V2.md 4)
+    unacked_retention_days: int = 0  # after finished_at, unacknowledged; 0 = kept
     # V2.md 8 and 11: limits that keep one client from hurting the others.
     rate_limit_per_second: int = 100  # per API key, burst twice that; 0 = off
     max_waiters_per_tenant: int = 100  # ?wait= long polls + SSE streams, across web processes
@@ -151,6 +152,7 @@ class Settings:
                 env, "OUTLAST_MAX_CHECKPOINT_BYTES", 8 * 1048576, 1024, 256 * 1048576
             ),
             task_retention_days=_int(env, "OUTLAST_TASK_RETENTION_DAYS", 30, 1, 100000),
+            unacked_retention_days=_int(env, "OUTLAST_UNACKED_RETENTION_DAYS", 0, 0, 100000),
             rate_limit_per_second=_int(env, "OUTLAST_RATE_LIMIT_PER_SECOND", 100, 0, 10**6),
             max_waiters_per_tenant=_int(env, "OUTLAST_MAX_WAITERS_PER_TENANT", 100, 1, 10**6),
             sse_max_seconds=_float(env, "OUTLAST_SSE_MAX_SECONDS", 300.0, 0.1, 86400),

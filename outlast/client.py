@@ -7,12 +7,16 @@
     task = client.wait(task["id"], timeout=600)       # long poll, backoff, Retry-After
     for event in client.events(task["id"]):           # the replayable event log
         print(event["seq"], event["type"])
+    client.ack(task["id"])                            # got it: purged after the retention
+
+    task = client.submit("echo", {"message": "quick"}, wait=10)  # finished if done in 10 s
 
 - :meth:`Client.submit` sends an ``Idempotency-Key`` (generated unless given) and retries
   connection errors, ``5xx``, ``409`` and ``429`` with the *same* key, so a lost ``202``
   never creates a second task.
-- Reads and ``cancel`` are retried on connection errors and ``502``/``503``/``504``;
-  ``send_input`` is never retried blindly (a lost answer is checked with :meth:`get`).
+- Reads, ``cancel``, ``ack`` and ``delete`` are retried on connection errors and
+  ``502``/``503``/``504``; ``send_input`` is never retried blindly (a lost answer is
+  checked with :meth:`get`).
 - Every call is retried on ``429`` (a rate limit, or the tenant's cap on waiting
   requests: the server did nothing), never sooner than its ``Retry-After``.
 - :meth:`Client.events` with ``follow=True`` reconnects by itself when the server ends
@@ -54,6 +58,7 @@ __all__ = [
     "IdempotencyKeyInFlight",
     "TaskTerminal",
     "TaskNotWaiting",
+    "TaskNotTerminal",
     "PayloadTooLarge",
     "UnsupportedMediaType",
     "ValidationError",
@@ -72,6 +77,9 @@ TERMINAL_EVENT_TYPES = frozenset({"task.completed", "task.failed", "task.cancell
 SETTLED_STATUSES = TERMINAL_STATUSES | {"input_required"}
 
 LONG_POLL_MAX_SECONDS = 30
+# Prefer: wait=N on submit (V2.md section 3).
+SUBMIT_WAIT_MIN_SECONDS = 1
+SUBMIT_WAIT_MAX_SECONDS = 60
 BACKOFF_MIN_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 30.0
 # Retries of one request: 0.5 s, 1 s, 2 s … with jitter, at most 30 s.
@@ -158,6 +166,10 @@ class TaskNotWaiting(Conflict):
     """409 ``task_not_waiting``: the task is not in ``input_required``."""
 
 
+class TaskNotTerminal(Conflict):
+    """409 ``task_not_terminal``: acknowledging or deleting a task that has not finished."""
+
+
 class PayloadTooLarge(APIError):
     """413 ``payload_too_large``."""
 
@@ -194,6 +206,7 @@ CODE_ERRORS: dict[str, type[APIError]] = {
     "idempotency_key_in_flight": IdempotencyKeyInFlight,
     "task_terminal": TaskTerminal,
     "task_not_waiting": TaskNotWaiting,
+    "task_not_terminal": TaskNotTerminal,
     "payload_too_large": PayloadTooLarge,
     "unsupported_media_type": UnsupportedMediaType,
     "validation_error": ValidationError,
@@ -288,6 +301,7 @@ class Client:
         timeout_seconds: int | None = None,
         idempotency_key: str | None = None,
         budget: Mapping[str, Any] | None = None,
+        wait: int | None = None,
     ) -> dict[str, Any]:
         """Submit a task; returns it (status ``pending``, or its current state when the
         key was already used with the same body).
@@ -296,11 +310,21 @@ class Client:
         ``max_tool_calls``, ``max_total_tokens``, ``max_steps``, ``on_exhausted``:
         ``"fail"`` or ``"ask"``); the task's ``usage`` says what it spent.
 
+        With ``wait`` (1 to 60 seconds) the answer waits for the task: it is returned
+        finished (or in ``input_required``) when that happens within ``wait`` seconds,
+        as it is then otherwise. The server's ``Prefer: wait`` does the waiting; against
+        a server that ignores it, the client long-polls for the rest of ``wait``.
+
         The request carries ``idempotency_key`` (a new random one unless given) and is
         retried with that same key on connection errors, ``5xx``, ``409`` (the first
         request with the key still in flight) and ``429``: however many attempts it
         takes, at most one task is created.
         """
+        if wait is not None and not SUBMIT_WAIT_MIN_SECONDS <= wait <= SUBMIT_WAIT_MAX_SECONDS:
+            raise ValueError(
+                f"wait must be {SUBMIT_WAIT_MIN_SECONDS} to {SUBMIT_WAIT_MAX_SECONDS} seconds"
+            )
+        started = time.monotonic()
         body: dict[str, Any] = {"agent": agent, "input": dict(input or {})}
         if metadata is not None:
             body["metadata"] = dict(metadata)
@@ -310,15 +334,29 @@ class Client:
             body["timeout_seconds"] = timeout_seconds
         if budget is not None:
             body["budget"] = dict(budget)
-        key = idempotency_key or f"idem_{uuid.uuid4().hex}"
-        return self._request(
+        headers = {"Idempotency-Key": idempotency_key or f"idem_{uuid.uuid4().hex}"}
+        if wait is not None:
+            headers["Prefer"] = f"wait={int(wait)}"
+        response = self._send(
             "POST",
             "/v1/tasks",
             json_body=body,
-            headers={"Idempotency-Key": key},
+            headers=headers,
+            timeout=self.timeout + (wait or 0),
             retry_statuses=frozenset({409, 429, 500, 502, 503, 504}),
             retry_network=True,
         )
+        task = response.json()
+        applied = "wait" in response.headers.get("Preference-Applied", "")
+        if wait is None or applied or task["status"] in SETTLED_STATUSES:
+            return task
+        remaining = wait - (time.monotonic() - started)
+        if remaining < 1:
+            return task
+        try:
+            return self.wait(task["id"], timeout=remaining)
+        except WaitTimeout as exc:
+            return exc.task or task
 
     def get(self, task_id: str, *, wait: float | None = None) -> dict[str, Any]:
         """The task. ``wait`` (0–30 s) long-polls: the answer comes when its status or
@@ -332,20 +370,39 @@ class Client:
         *,
         status: str | None = None,
         agent: str | None = None,
+        acknowledged: bool | None = None,
         limit: int | None = None,
         cursor: str | None = None,
     ) -> dict[str, Any]:
-        """One page of tasks, newest first: ``{"data": [...], "next_cursor": ...}``."""
-        params = {"status": status, "agent": agent, "limit": limit, "cursor": cursor}
+        """One page of tasks, newest first: ``{"data": [...], "next_cursor": ...}``.
+        ``acknowledged=False``: finished tasks whose result is not yet acknowledged."""
+        params = {
+            "status": status,
+            "agent": agent,
+            "acknowledged": None if acknowledged is None else str(bool(acknowledged)).lower(),
+            "limit": limit,
+            "cursor": cursor,
+        }
         return self._request("GET", "/v1/tasks", params=params)
 
     def iter_tasks(
-        self, *, status: str | None = None, agent: str | None = None, page_size: int = 100
+        self,
+        *,
+        status: str | None = None,
+        agent: str | None = None,
+        acknowledged: bool | None = None,
+        page_size: int = 100,
     ) -> Iterator[dict[str, Any]]:
         """Every task (newest first), fetching pages as needed."""
         cursor = None
         while True:
-            page = self.list(status=status, agent=agent, limit=page_size, cursor=cursor)
+            page = self.list(
+                status=status,
+                agent=agent,
+                acknowledged=acknowledged,
+                limit=page_size,
+                cursor=cursor,
+            )
             yield from page["data"]
             cursor = page.get("next_cursor")
             if not cursor:
@@ -354,6 +411,31 @@ class Client:
     def cancel(self, task_id: str) -> dict[str, Any]:
         """Cancel a task (again: fine). Raises :class:`TaskTerminal` if it completed or failed."""
         return self._request("POST", f"/v1/tasks/{task_id}/cancel", retry_network=True)
+
+    def ack(self, task_id: str) -> dict[str, Any]:
+        """Acknowledge a finished task's result; returns the task with ``acknowledged_at``
+        (the first acknowledgement's time, however often this is called). The server
+        purges it ``OUTLAST_TASK_RETENTION_DAYS`` later. Raises :class:`TaskNotTerminal`
+        while the task runs."""
+        return self._request(
+            "POST",
+            f"/v1/tasks/{task_id}/ack",
+            retry_statuses=frozenset({502, 503, 504}),
+            retry_network=True,
+        )
+
+    def delete(self, task_id: str) -> None:
+        """Delete a finished task now, with everything recorded about it. Raises
+        :class:`TaskNotTerminal` while it runs, :class:`NotFound` for an unknown task
+        (unless a retry of this very call finds it already gone)."""
+        self._send(
+            "DELETE",
+            f"/v1/tasks/{task_id}",
+            timeout=self.timeout,
+            retry_statuses=frozenset({502, 503, 504}),
+            retry_network=True,
+            done_on_retry=frozenset({404}),
+        )
 
     def send_input(self, task_id: str, input: Any) -> dict[str, Any]:
         """Answer a task waiting in ``input_required``; it resumes. Raises
@@ -594,8 +676,12 @@ class Client:
         timeout: float,
         retry_statuses: frozenset[int],
         retry_network: bool,
+        done_on_retry: frozenset[int] = frozenset(),
     ) -> requests.Response:
-        """One call, retried as allowed; returns a 2xx response or raises."""
+        """One call, retried as allowed; returns a 2xx response or raises.
+
+        ``done_on_retry``: statuses that mean success when they answer a retry (a
+        ``404`` to a repeated ``DELETE`` whose first answer was lost)."""
         all_headers = {**self._headers, **(headers or {})}
         data = None
         if json_body is not None:
@@ -619,7 +705,7 @@ class Client:
                 self._backoff(attempt, None)
                 attempt += 1
                 continue
-            if response.status_code < 400:
+            if response.status_code < 400 or (attempt and response.status_code in done_on_retry):
                 return response
             # A 429 was refused before any work was done: safe to repeat for any method.
             retryable = response.status_code in retry_statuses or response.status_code == 429

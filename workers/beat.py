@@ -10,6 +10,9 @@ from typing import Any
 
 from app.settings import Settings
 
+# The retention purge's period (its batches and time budget: app.engine.sweeps).
+PURGE_INTERVAL_SECONDS = 10.0
+
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     """Sweep name -> Celery beat entry. Each message expires after two of its intervals:
@@ -23,7 +26,9 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         "redispatch-lost": ("outlast.sweep.redispatch_lost", reap),
         "webhook-retries": ("outlast.sweep.webhooks", settings.webhook_sweep_seconds),
         "expire-idempotency-keys": ("outlast.sweep.expire_keys", reap),
-        "purge-old-tasks": ("outlast.sweep.purge", 3600.0),
+        # Often, and each run loops short batches up to a time budget: the purge keeps up
+        # with 100 tasks finishing a second (app.engine.sweeps.purge_old_tasks).
+        "purge-old-tasks": ("outlast.sweep.purge", PURGE_INTERVAL_SECONDS),
     }
     return {
         name: {"task": task, "schedule": interval, "options": {"expires": max(2 * interval, 2.0)}}

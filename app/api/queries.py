@@ -41,10 +41,12 @@ def list_tasks(
     limit: int,
     status: str | None = None,
     agent: str | None = None,
+    acknowledged: bool | None = None,
     before: tuple[datetime, str] | None = None,
 ) -> list[RowMapping]:
     """Up to ``limit`` of the tenant's tasks, newest first, optionally filtered; ``before``
-    is the (created_at, id) of a cursor. Each filter is served by an index of 0001."""
+    is the (created_at, id) of a cursor. Each filter is served by an index of 0001, and
+    ``acknowledged=False`` by ``tasks_tenant_unacknowledged`` of 0002."""
     where = ["tenant_id = :tenant_id"]
     params: dict[str, Any] = {"tenant_id": tenant_id, "limit": limit}
     if status is not None:
@@ -53,6 +55,11 @@ def list_tasks(
     if agent is not None:
         where.append("agent = :agent")
         params["agent"] = agent
+    if acknowledged is False:
+        # Spelled as the partial index's predicate, so the planner can use it.
+        where.append("acknowledged_at IS NULL AND status IN ('completed', 'failed', 'cancelled')")
+    elif acknowledged is True:
+        where.append("acknowledged_at IS NOT NULL")  # only terminal tasks are acknowledged
     if before is not None:
         params["c_at"], params["c_id"] = before
         where.append("(created_at, id) < (:c_at, :c_id)")

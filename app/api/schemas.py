@@ -187,6 +187,12 @@ class ListTasksQuery(Schema):
             validate.Regexp(r"^[^\x00]*$", error="Must not contain the NUL character."),
         ]
     )
+    acknowledged = fields.Boolean(
+        metadata={
+            "description": "false: terminal tasks not yet acknowledged (POST "
+            "/v1/tasks/{id}/ack); true: acknowledged tasks. Absent: every task."
+        },
+    )
     limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
     cursor = fields.String(
         validate=validate.Length(min=1, max=512),
@@ -292,6 +298,14 @@ class TaskSchema(Schema):
     agent_version = fields.String(
         required=True, metadata={"description": "The agent version this task runs on."}
     )
+    acknowledged_at = fields.DateTime(
+        required=True,
+        allow_none=True,
+        metadata={
+            "description": "When the client acknowledged the result (POST "
+            "/v1/tasks/{id}/ack); the task is purged OUTLAST_TASK_RETENTION_DAYS after it."
+        },
+    )
 
 
 class TaskPageSchema(Schema):
@@ -393,7 +407,8 @@ class ProblemSchema(Schema):
             "description": "Stable machine-readable code: validation_error, invalid_json, "
             "invalid_idempotency_key, unsupported_media_type, payload_too_large, "
             "unauthorized, not_found, idempotency_key_reused, idempotency_key_in_flight, "
-            "task_terminal, task_not_waiting, unavailable, rate_limited, method_not_allowed."
+            "task_terminal, task_not_waiting, task_not_terminal, unavailable, rate_limited, "
+            "method_not_allowed."
         },
     )
     errors = fields.Dict(

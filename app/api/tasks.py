@@ -1,5 +1,5 @@
-"""/v1/tasks: submit, read (with ETag and the ``?wait=N`` long poll), list with cursors,
-the checkpoint log, cancel, and human input."""
+"""/v1/tasks: submit (with ``Prefer: wait=N``), read (with ETag and the ``?wait=N`` long
+poll), list with cursors, the checkpoint log, cancel, human input, acknowledge, delete."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import binascii
 import hashlib
 import json
 import re
+import time
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -15,14 +16,16 @@ from typing import Any
 from flask import Response, g, request
 from flask.views import MethodView
 from flask_smorest import Blueprint
+from marshmallow import RAISE
 from sqlalchemy.engine import Connection, RowMapping
 
-from app.api import queries, schemas
+from app.api import prefer, queries, schemas
 from app.api.auth import current_tenant
 from app.api.jsonbody import json_body
 from app.api.longpoll import wait_for
-from app.errors import NotFound, TaskNotWaiting, TaskTerminal, ValidationFailed
-from app.store import db, lifecycle, outbox, submission, tool_calls
+from app.errors import NotFound, RateLimited, TaskNotWaiting, TaskTerminal, ValidationFailed
+from app.ops import metrics
+from app.store import db, lifecycle, outbox, retention, submission, tool_calls
 from app.store.representation import rfc3339, task_json
 from app.validation import schema_errors
 
@@ -39,6 +42,10 @@ RETRY_AFTER_SECONDS = {
     lifecycle.Status.INPUT_REQUIRED: 5,
 }
 
+# A task in one of these needs its client before anything more happens: a ``Prefer:
+# wait`` submission answers as soon as its task reaches one.
+SETTLED = lifecycle.TERMINAL | {lifecycle.Status.INPUT_REQUIRED}
+
 TASK_HEADERS = {
     "ETag": {
         "description": "Tag of this representation, for If-None-Match.",
@@ -48,6 +55,12 @@ TASK_HEADERS = {
         "description": "Suggested poll interval in seconds; only while the task is not terminal.",
         "schema": {"type": "integer"},
     },
+}
+
+
+PREFERENCE_APPLIED_HEADER = {
+    "description": "wait=N when the request's Prefer: wait=N was honoured.",
+    "schema": {"type": "string", "example": "wait=10"},
 }
 
 
@@ -135,7 +148,16 @@ class TaskCollection(MethodView):
                 "schema": {"type": "string", "enum": ["true"]},
             },
             **TASK_HEADERS,
+            "Preference-Applied": PREFERENCE_APPLIED_HEADER,
         },
+    )
+    @blueprint.alt_response(
+        200,
+        schema=schemas.TaskSchema,
+        description="With Prefer: wait=N, the task finished or asks for input within N "
+        "seconds: the task as it is then.",
+        headers={"Preference-Applied": PREFERENCE_APPLIED_HEADER, **TASK_HEADERS},
+        success=True,
     )
     @blueprint.alt_response(400, response="BAD_REQUEST")
     @blueprint.alt_response(409, response="CONFLICT")
@@ -150,28 +172,61 @@ class TaskCollection(MethodView):
                 "required": False,
                 "description": "1 to 255 printable ASCII characters; scoped to the tenant.",
                 "schema": {"type": "string", "minLength": 1, "maxLength": 255},
-            }
+            },
+            {
+                "in": "header",
+                "name": "Prefer",
+                "required": False,
+                "description": "RFC 7240. wait=N (N from 1 to 60): answer 200 with the task "
+                "as soon as it is terminal or input_required, or 202 after N seconds; "
+                "honoured on an idempotent replay too. Other preferences, and wait out of "
+                "range, are ignored.",
+                "schema": {"type": "string", "example": "wait=10"},
+            },
         ]
     )
     def post(self, task: dict[str, Any]) -> Response:
         """Submit a task.
 
         The task is stored, with its task.created event and the message that runs its
-        first step, in one transaction before the answer is sent.
+        first step, in one transaction before the answer is sent. With Prefer: wait=N
+        the answer waits up to N seconds for the task to finish or ask for input.
         """
+        started = time.monotonic()
+        wait = prefer.wait_seconds(request.headers.getlist("Prefer"))
         key = submission.check_idempotency_key(request.headers.get("Idempotency-Key"))
         result = submission.submit(current_tenant(), task, body=g.json_body, idempotency_key=key)
         headers = {"Location": f"/v1/tasks/{result.task['id']}"}
         if result.replayed:
             headers["Idempotent-Replayed"] = "true"
-        return task_response(result.task, 202, **headers)
+        if wait is None:
+            return task_response(result.task, 202, **headers)
+        row = result.task
+        if row["status"] not in SETTLED:
+            try:
+                row = wait_for(
+                    row["id"],
+                    current_tenant(),
+                    lambda: read_task(result.task["id"]),
+                    lambda r: r["status"] in SETTLED,
+                    started + wait - time.monotonic(),
+                )
+            except RateLimited:
+                # Every waiter slot of the tenant is taken: the task stands, the
+                # preference is ignored (RFC 7240 lets a server do that).
+                return task_response(result.task, 202, **headers)
+        headers["Preference-Applied"] = prefer.applied_wait(wait)
+        return task_response(row, 200 if row["status"] in SETTLED else 202, **headers)
 
-    @blueprint.arguments(schemas.ListTasksQuery, location="query")
+    # A misspelt filter is refused, not ignored: ?acknowleged=false must not list every
+    # task to a client about to acknowledge what it lists.
+    @blueprint.arguments(schemas.ListTasksQuery, location="query", unknown=RAISE)
     @blueprint.response(200, schemas.TaskPageSchema)
     def get(self, query: dict[str, Any]) -> Response:
         """List tasks, newest first.
 
         Cursor paging is stable while new tasks arrive: pass next_cursor back as cursor.
+        acknowledged=false lists the finished results not yet acknowledged.
         """
         with db.engine().connect() as conn:
             rows = queries.list_tasks(
@@ -180,6 +235,7 @@ class TaskCollection(MethodView):
                 limit=query["limit"] + 1,
                 status=query.get("status"),
                 agent=query.get("agent"),
+                acknowledged=query.get("acknowledged"),
                 before=decode_cursor(query["cursor"]) if "cursor" in query else None,
             )
         page = rows[: query["limit"]]
@@ -227,6 +283,23 @@ class TaskItem(MethodView):
                     not_modified.headers[name] = response.headers[name]
             return not_modified
         return response
+
+    @blueprint.response(204, description="Deleted, with everything recorded about it.")
+    @blueprint.alt_response(404, response="NOT_FOUND")
+    @blueprint.alt_response(409, response="CONFLICT", description="task_not_terminal")
+    def delete(self, task_id: str) -> Response:
+        """Delete a finished task at once, with everything recorded about it.
+
+        Its events, checkpoints, tool-call log, webhook deliveries (one that no sender
+        has taken yet is never sent) and Idempotency-Key go in one transaction: then GET
+        answers 404 and the old key creates a new task. A task not yet terminal is a 409
+        task_not_terminal.
+        """
+        if not TASK_ID.match(task_id):
+            raise NotFound("No task with this id.")
+        retention.delete(task_id, current_tenant())
+        metrics.tasks_deleted("request")
+        return Response(status=204)
 
 
 def _wait_for_change(task_id: str, row: RowMapping, wait: float) -> RowMapping:
@@ -299,6 +372,25 @@ class TaskCancel(MethodView):
                 row = load_task(conn, task_id)
                 if row["status"] != lifecycle.Status.CANCELLED:
                     raise TaskTerminal(f"The task is already {row['status']}.")
+        return task_response(row)
+
+
+@blueprint.route("/tasks/<task_id>/ack")
+class TaskAck(MethodView):
+    @blueprint.response(200, schemas.TaskSchema, headers={"ETag": TASK_HEADERS["ETag"]})
+    @blueprint.alt_response(404, response="NOT_FOUND")
+    @blueprint.alt_response(409, response="CONFLICT", description="task_not_terminal")
+    def post(self, task_id: str) -> Response:
+        """Acknowledge a finished task's result: it gets acknowledged_at.
+
+        Acknowledging again answers the same acknowledged_at. The task is purged
+        OUTLAST_TASK_RETENTION_DAYS later; a task not yet terminal is a 409
+        task_not_terminal.
+        """
+        if not TASK_ID.match(task_id):
+            raise NotFound("No task with this id.")
+        with db.transaction() as conn:
+            row = retention.acknowledge(conn, task_id, current_tenant())
         return task_response(row)
 
 

@@ -1,4 +1,5 @@
-"""The callers' commands: ``outlast submit``, ``status``, ``events``, ``cancel``, ``input``.
+"""The callers' commands: ``outlast submit``, ``status``, ``events``, ``cancel``, ``input``,
+``results``, ``ack``, ``delete``.
 
 They talk to a running Outlast over HTTP with :class:`outlast.client.Client`; the URL and the
 API key come from ``--url``/``--api-key`` or ``OUTLAST_URL``/``OUTLAST_API_KEY`` (the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import sys
 from collections.abc import Callable
@@ -28,6 +30,10 @@ EXIT_FAILED = 3
 EXIT_CANCELLED = 4
 EXIT_INPUT_REQUIRED = 5
 EXIT_TIMEOUT = 6
+
+# ``submit --wait`` first asks the server to answer once the task is done (Prefer: wait),
+# for a second only: a task that takes longer gets a progress bar from then on.
+SUBMIT_PREFER_WAIT_SECONDS = 1
 
 STATUS_EXIT = {
     "completed": 0,
@@ -221,7 +227,8 @@ def submit(
     then its final answer.
 
     The submission is retried with the same Idempotency-Key until it is answered, so it
-    creates one task however flaky the network is.
+    creates one task however flaky the network is. With --wait, a task done within a
+    second is answered by the submission itself (Prefer: wait).
     """
     task = client.submit(
         agent,
@@ -231,6 +238,8 @@ def submit(
         timeout_seconds=timeout_seconds,
         idempotency_key=idempotency_key,
         budget=_json_argument(budget, "--budget") if budget else None,
+        # A narrated agent's turns are what --wait shows: follow those from the start.
+        wait=SUBMIT_PREFER_WAIT_SECONDS if wait_ and agent not in NARRATING_AGENTS else None,
     )
     if not wait_:
         if as_json:
@@ -238,6 +247,8 @@ def submit(
         else:
             click.echo(task["id"])
         return
+    if task["status"] in STATUS_EXIT:
+        _report_outcome(task, as_json)
     click.echo(f"submitted {task['id']} ({agent})", err=True)
     try:
         task = _follow(client, task, show_bar=True)
@@ -321,4 +332,47 @@ def input_command(client: Client, as_json: bool, task_id: str, answer: str) -> N
     _print_json(task) if as_json else click.echo(_summary(task))
 
 
-COMMANDS = (submit, status, events, cancel, input_command)
+@click.command("results")
+@click.option("--agent", default=None, help="Only this agent's tasks.")
+@click.option("--limit", type=click.IntRange(1, None), default=100, show_default=True)
+@click.option("--ack", "ack_", is_flag=True, help="Acknowledge each result once listed.")
+@_client_command
+def results(client: Client, as_json: bool, agent: str | None, limit: int, ack_: bool) -> None:
+    """List finished tasks whose result is not yet acknowledged, newest first (one per
+    line; JSON lines with --json). Acknowledge them with `outlast ack ID` or --ack."""
+    tasks = client.iter_tasks(agent=agent, acknowledged=False, page_size=min(limit, 100))
+    for task in itertools.islice(tasks, limit):
+        if ack_:
+            task = client.ack(task["id"])
+        if as_json:
+            click.echo(json.dumps(task, separators=(",", ":")))
+        else:
+            click.echo(f"{task['finished_at']}  {_summary(task)}")
+        sys.stdout.flush()
+
+
+@click.command("ack")
+@click.argument("task_id")
+@_client_command
+def ack(client: Client, as_json: bool, task_id: str) -> None:
+    """Acknowledge a finished task's result (it is purged after the retention period)."""
+    task = client.ack(task_id)
+    if as_json:
+        _print_json(task)
+    else:
+        click.echo(f"{_summary(task)}  acknowledged {task['acknowledged_at']}")
+
+
+@click.command("delete")
+@click.argument("task_id")
+@_client_command
+def delete(client: Client, as_json: bool, task_id: str) -> None:
+    """Delete a finished task now, with its events, checkpoints and tool-call log."""
+    client.delete(task_id)
+    if as_json:
+        _print_json({"id": task_id, "deleted": True})
+    else:
+        click.echo(f"deleted {task_id}")
+
+
+COMMANDS = (submit, status, events, cancel, input_command, results, ack, delete)

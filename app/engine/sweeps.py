@@ -13,12 +13,15 @@ to the outbox in the same transaction and published right after the commit.
 - ``expire_deadlines``: tasks past ``timeout_seconds`` → ``failed``/``timeout``;
 - ``redispatch_lost``: runnable tasks whose step message seems lost → a new message;
 - ``expire_keys``: forget Idempotency-Keys past their TTL;
-- ``purge``: delete terminal tasks older than ``OUTLAST_TASK_RETENTION_DAYS``.
+- ``purge_old_tasks``: delete acknowledged tasks ``OUTLAST_TASK_RETENTION_DAYS`` after
+  their acknowledgement (and unacknowledged ones per ``OUTLAST_UNACKED_RETENTION_DAYS``),
+  in short batches looped up to a time budget.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import sqlalchemy as sa
 from celery import current_app as celery_app
@@ -26,7 +29,7 @@ from sqlalchemy.engine import Connection
 
 from app import settings as settings_mod
 from app.ops import metrics
-from app.store import db, lifecycle, messages, outbox
+from app.store import db, db_errors, lifecycle, messages, outbox, retention
 
 log = logging.getLogger(__name__)
 
@@ -225,17 +228,72 @@ def expire_idempotency_keys(limit: int = 5000) -> int:
         ).rowcount
 
 
-def purge_old_tasks(limit: int = 1000) -> int:
-    """Delete terminal tasks finished more than ``OUTLAST_TASK_RETENTION_DAYS`` ago (their
-    events, checkpoints, tool calls and deliveries go with them)."""
-    days = settings_mod.current().task_retention_days
+# The purge (V2.md 4) runs batches until nothing is due or its time budget is spent; beat
+# starts it every 10 s (workers/beat.py). Each batch is its own short transaction whose
+# size adapts to keep it near PURGE_BATCH_TARGET_SECONDS, so the rows it locks (the
+# purged tasks, their Idempotency-Keys) are held for milliseconds.
+PURGE_BUDGET_SECONDS = 5.0
+PURGE_BATCH_TARGET_SECONDS = 0.03
+PURGE_BATCH_MAX = 200
+# A batch that would wait longer than this for a lock gives up (and the run ends).
+PURGE_LOCK_TIMEOUT_MS = 100
+
+# Acknowledged tasks, OUTLAST_TASK_RETENTION_DAYS after acknowledged_at (tasks_acknowledged).
+_ACKNOWLEDGED_DUE = sa.text(
+    "SELECT id FROM tasks WHERE acknowledged_at < now() - make_interval(days => :days) "
+    "ORDER BY acknowledged_at LIMIT :limit FOR UPDATE SKIP LOCKED"
+)
+# Unacknowledged terminal tasks, OUTLAST_UNACKED_RETENTION_DAYS after finished_at
+# (tasks_unacknowledged_finished; the predicate is spelled as the index's).
+_UNACKNOWLEDGED_DUE = sa.text(
+    "SELECT id FROM tasks WHERE acknowledged_at IS NULL "
+    "AND status IN ('completed', 'failed', 'cancelled') "
+    "AND finished_at < now() - make_interval(days => :days) "
+    "ORDER BY finished_at LIMIT :limit FOR UPDATE SKIP LOCKED"
+)
+
+
+def purge_batch(due: sa.TextClause, days: int, limit: int) -> int:
+    """Delete up to ``limit`` tasks that ``due`` selects, with every row about them, in
+    one transaction; returns how many."""
     with db.transaction() as conn:
-        return conn.execute(
-            sa.text(
-                "DELETE FROM tasks WHERE id IN ("
-                "  SELECT id FROM tasks WHERE status IN ('completed', 'failed', 'cancelled') "
-                "  AND finished_at < now() - make_interval(days => :days) "
-                "  LIMIT :limit FOR UPDATE SKIP LOCKED)"
-            ),
-            {"days": days, "limit": limit},
-        ).rowcount
+        conn.execute(sa.text(f"SET LOCAL lock_timeout = '{PURGE_LOCK_TIMEOUT_MS}ms'"))
+        task_ids = conn.execute(due, {"days": days, "limit": limit}).scalars().all()
+        return retention.delete_rows(conn, task_ids)
+
+
+def purge_old_tasks(
+    budget_seconds: float = PURGE_BUDGET_SECONDS, batch_max: int = PURGE_BATCH_MAX
+) -> int:
+    """The retention purge: acknowledged tasks ``OUTLAST_TASK_RETENTION_DAYS`` after
+    their acknowledgement, and, when ``OUTLAST_UNACKED_RETENTION_DAYS`` is set,
+    unacknowledged terminal tasks that long after they finished. Returns how many tasks
+    were deleted (their events, checkpoints, tool calls, deliveries and keys with them).
+    """
+    cfg = settings_mod.current()
+    rules = [(_ACKNOWLEDGED_DUE, cfg.task_retention_days)]
+    if cfg.unacked_retention_days > 0:
+        rules.append((_UNACKNOWLEDGED_DUE, cfg.unacked_retention_days))
+    deadline = time.monotonic() + budget_seconds
+    purged, limit = 0, min(20, batch_max)
+    try:
+        for due, days in rules:
+            while time.monotonic() < deadline:
+                started = time.monotonic()
+                deleted = purge_batch(due, days, limit)
+                purged += deleted
+                if deleted < limit:
+                    break  # nothing more is due under this rule
+                took = time.monotonic() - started
+                if took > PURGE_BATCH_TARGET_SECONDS:
+                    limit = max(1, limit // 2)
+                elif took < PURGE_BATCH_TARGET_SECONDS / 2:
+                    limit = min(batch_max, limit * 2)
+    except sa.exc.OperationalError as exc:
+        if db_errors.sqlstate(exc) != db_errors.LOCK_NOT_AVAILABLE:
+            raise
+        log.info("purge run ended early: a row it needs is locked (next run retries)")
+    finally:
+        if purged:
+            metrics.tasks_deleted("retention", purged)
+    return purged

@@ -18,7 +18,8 @@ metrics can never fail a step, a delivery or a request.
 Helpers for the rest of the code:
 
 - :func:`step_finished` (the step runner), :func:`tool_call` (the tool-call log),
-  :func:`webhook_attempt` (the webhook sender), :func:`lease_reaped` (the reaper);
+  :func:`webhook_attempt` (the webhook sender), :func:`lease_reaped` (the reaper),
+  :func:`tasks_deleted` (``DELETE /v1/tasks/{id}`` and the retention purge);
 - :func:`install` subscribes :func:`note_task_event` to ``app.store.lifecycle``'s events:
   it counts ``task.created`` (submitted) and terminal events (finished) once the
   transaction that wrote them commits, so a rolled-back transition is never counted.
@@ -101,6 +102,13 @@ LEASES_REAPED = _Def(
     "Expired step leases reclaimed by the reaper (retried, or failed with worker_lost).",
     ("outcome",),
 )
+TASKS_DELETED = _Def(
+    "outlast_tasks_deleted",
+    "counter",
+    "Tasks deleted with everything recorded about them: by DELETE /v1/tasks/{id} "
+    "(request) or by the retention purge (retention).",
+    ("reason",),
+)
 DEFINITIONS = (
     TASKS_SUBMITTED,
     TASKS_FINISHED,
@@ -108,6 +116,7 @@ DEFINITIONS = (
     TOOL_CALLS,
     WEBHOOK_ATTEMPTS,
     LEASES_REAPED,
+    TASKS_DELETED,
 )
 
 
@@ -205,6 +214,12 @@ def webhook_attempt(outcome: str) -> None:
 def lease_reaped(outcome: str) -> None:
     """The reaper reclaimed an expired lease: ``retried`` or ``failed`` (worker_lost)."""
     inc(LEASES_REAPED, (outcome,))
+
+
+def tasks_deleted(reason: str, count: int = 1) -> None:
+    """``count`` tasks were deleted (after the commit): ``reason`` is ``request`` (``DELETE
+    /v1/tasks/{id}``) or ``retention`` (the purge)."""
+    inc(TASKS_DELETED, (reason,), count)
 
 
 def task_submitted(agent: str) -> None:

@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import sqlalchemy.exc as sa_exc
 
+# SQLSTATEs that callers answer in their own way.
+LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout passed
+DEADLOCK_DETECTED = "40P01"
+
+
+def sqlstate(error: BaseException) -> str | None:
+    """The PostgreSQL SQLSTATE of a SQLAlchemy ``DBAPIError``, else ``None``."""
+    return getattr(getattr(error, "orig", None), "pgcode", None)
+
 
 def is_database_unavailable(error: BaseException) -> bool:
     """True for connection failures and dropped connections (answer 503, retry)."""

@@ -28,12 +28,11 @@ from sqlalchemy.engine import RowMapping
 
 from app import settings as settings_mod
 from app.errors import IdempotencyKeyInFlight, IdempotencyKeyReused, InvalidIdempotencyKey
-from app.store import budgets, db, lifecycle, outbox
+from app.store import budgets, db, db_errors, lifecycle, outbox
 
 MAX_KEY_LENGTH = 255
 # How long a request waits for a concurrent one with the same key to commit.
 IN_FLIGHT_WAIT_SECONDS = 3
-LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of lock_timeout
 
 
 @dataclass(frozen=True)
@@ -144,7 +143,7 @@ def submit(
                 )
             outbox.add_step(conn, row["id"], 0)
     except sa_exc.OperationalError as exc:
-        if getattr(exc.orig, "pgcode", None) == LOCK_NOT_AVAILABLE:
+        if db_errors.sqlstate(exc) == db_errors.LOCK_NOT_AVAILABLE:
             raise IdempotencyKeyInFlight() from None
         raise
     return Submitted(row, replayed=False)

@@ -164,7 +164,7 @@ def test_recently_dispatched_tasks_are_not_counted_lost(flask_app, tasks, redis_
     assert sweeps.redispatch_lost_messages() == 0  # younger than lost_after_seconds
 
 
-def test_expired_keys_and_old_terminal_tasks_are_purged(settings, tasks, tenant):
+def test_expired_keys_and_long_acknowledged_tasks_are_purged(settings, tasks, tenant):
     old_done = tasks.submit("echo", {"message": "old"})
     recent_done = tasks.submit("echo", {"message": "recent"})
     old_active = tasks.submit("echo", {"message": "still running"})
@@ -176,6 +176,11 @@ def test_expired_keys_and_old_terminal_tasks_are_purged(settings, tasks, tenant)
         "created_at = now() - interval '31 days' WHERE id IN (:a, :b) RETURNING 1",
         a=old_done,
         b=old_active,
+    )
+    tasks.scalar(
+        "UPDATE tasks SET acknowledged_at = finished_at WHERE id IN (:a, :b) RETURNING 1",
+        a=old_done,
+        b=recent_done,
     )
     tasks.scalar(
         "INSERT INTO idempotency_keys (tenant_id, key, fingerprint, expires_at) VALUES "

@@ -197,3 +197,64 @@ def test_submit_wait_shows_a_progress_bar_advancing_in_a_terminal(ops_stack):
     assert positions == sorted(positions) and positions[-1] == 5, positions
     assert len(positions) >= 3, f"the bar did not advance step by step: {positions}"
     assert '"message": "hi"' in final
+
+
+def test_submit_wait_answers_a_quick_task_from_the_submission_itself(outlast, ops_stack):
+    started = time.monotonic()
+    done = outlast("submit", "echo", "--input", '{"message": "quick"}', "--wait", "--json")
+
+    assert done.returncode == 0, done.stderr
+    task = json.loads(done.stdout)
+    assert task["status"] == "completed" and time.monotonic() - started < 5
+    # Answered by Prefer: wait: the task was never followed through its event stream.
+    assert "submitted" not in done.stderr
+
+
+def test_results_lists_unacknowledged_results_until_ack_and_delete_removes_one(outlast):
+    first = json.loads(
+        outlast("submit", "echo", "--input", '{"message": "r1"}', "--wait", "--json").stdout
+    )
+    second = json.loads(
+        outlast("submit", "echo", "--input", '{"message": "r2"}', "--wait", "--json").stdout
+    )
+
+    listed = outlast("results", "--agent", "echo")
+    assert listed.returncode == 0, listed.stderr
+    assert first["id"] in listed.stdout and second["id"] in listed.stdout
+    acked = outlast("ack", first["id"])
+    assert acked.returncode == 0, acked.stderr
+    assert f"{first['id']}  echo  completed" in acked.stdout and "acknowledged 20" in acked.stdout
+    after = outlast("results", "--json")
+    assert [json.loads(line)["id"] for line in after.stdout.splitlines()].count(first["id"]) == 0
+    assert second["id"] in after.stdout
+
+    deleted = outlast("delete", second["id"])
+    assert deleted.returncode == 0, deleted.stderr
+    assert deleted.stdout.strip() == f"deleted {second['id']}"
+    assert outlast("status", second["id"]).returncode == 1
+    assert second["id"] not in outlast("results").stdout
+
+
+def test_results_ack_acknowledges_what_it_lists(outlast):
+    task = json.loads(
+        outlast("submit", "echo", "--input", '{"message": "r3"}', "--wait", "--json").stdout
+    )
+
+    listed = outlast("results", "--ack", "--json")
+
+    assert listed.returncode == 0, listed.stderr
+    shown = {json.loads(line)["id"]: json.loads(line) for line in listed.stdout.splitlines()}
+    assert shown[task["id"]]["acknowledged_at"] is not None
+    assert outlast("results").stdout.strip() == ""
+
+
+def test_ack_and_delete_of_a_running_task_exit_1_task_not_terminal(outlast):
+    task_id = outlast("submit", "echo", "--input", '{"message": "busy", "step_seconds": 30}')
+    task_id = task_id.stdout.strip()
+    try:
+        for command in ("ack", "delete"):
+            refused = outlast(command, task_id)
+            assert refused.returncode == 1
+            assert "409 task_not_terminal" in refused.stderr
+    finally:
+        outlast("cancel", task_id)

@@ -14,6 +14,7 @@ from outlast.client import (
     IdempotencyKeyReused,
     NetworkError,
     NotFound,
+    TaskNotTerminal,
     TaskNotWaiting,
     TaskTerminal,
     Unauthorized,
@@ -186,3 +187,70 @@ def test_webhook_deliveries_verify_with_the_tenants_secret(api, ops_stack):
     assert event["type"] == "task.completed" and event["task_id"] == task["id"]
     with pytest.raises(WebhookVerificationError):
         verify_webhook(ops_stack.webhook_secret, headers, body.replace(b"hooked", b"forged"))
+
+
+# --- synchronous answers, acknowledgement, deletion (V2.md sections 3 and 4) -------------------
+
+
+def test_submit_with_wait_returns_the_finished_task(api):
+    started = time.monotonic()
+    task = api.submit("echo", {"message": "sync"}, wait=10)
+
+    assert task["status"] == "completed"
+    assert task["result"] == {"message": "sync", "steps": 1}
+    assert time.monotonic() - started < 10
+
+
+def test_submit_with_wait_returns_a_slow_task_as_it_is_after_the_wait(api):
+    started = time.monotonic()
+    task = api.submit("echo", {"message": "slow", "step_seconds": 30}, wait=1)
+    took = time.monotonic() - started
+
+    assert task["status"] in ("pending", "working")
+    assert 0.9 <= took < 4, took
+    api.cancel(task["id"])
+    with pytest.raises(ValueError):
+        api.submit("echo", {"message": "x"}, wait=61)
+
+
+def test_a_result_is_listed_until_acknowledged_and_gone_once_deleted(api):
+    task = api.submit("echo", {"message": "keep me"}, wait=10)
+    assert task["status"] == "completed" and task["acknowledged_at"] is None
+    unread = [t["id"] for t in api.iter_tasks(acknowledged=False, agent="echo")]
+    assert task["id"] in unread
+
+    acked = api.ack(task["id"])
+    assert acked["acknowledged_at"] is not None
+    assert api.ack(task["id"])["acknowledged_at"] == acked["acknowledged_at"]
+    assert task["id"] not in [t["id"] for t in api.iter_tasks(acknowledged=False)]
+    assert task["id"] in [t["id"] for t in api.list(acknowledged=True)["data"]]
+
+    api.delete(task["id"])
+    with pytest.raises(NotFound):
+        api.get(task["id"])
+    with pytest.raises(NotFound):
+        api.delete(task["id"])
+
+
+def test_a_running_task_cannot_be_acknowledged_or_deleted(api):
+    task = api.submit("echo", {"message": "busy", "step_seconds": 30})
+    try:
+        with pytest.raises(TaskNotTerminal) as not_acked:
+            api.ack(task["id"])
+        assert not_acked.value.status == 409 and not_acked.value.code == "task_not_terminal"
+        with pytest.raises(TaskNotTerminal):
+            api.delete(task["id"])
+        assert api.get(task["id"])["acknowledged_at"] is None
+    finally:
+        api.cancel(task["id"])
+
+
+def test_a_delete_whose_answer_is_lost_is_retried_and_succeeds(api, ops_stack):
+    task = api.submit("echo", {"message": "lose the 204"}, wait=10)
+    with LosingProxy(ops_stack.stack.web_port, lose=1) as proxy:
+        with Client(proxy.url, ops_stack.api_key, timeout=10) as client:
+            client.delete(task["id"])  # the 204 is lost; the retry's 404 means done
+
+    assert len(proxy.lost_responses) == 1 and proxy.lost_responses[0].startswith(b"HTTP/1.1 204")
+    with pytest.raises(NotFound):
+        api.get(task["id"])
