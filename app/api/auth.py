@@ -46,11 +46,13 @@ class _KeyCache:
             return None
         return entry[1]
 
-    def put(self, key_hash: str, grant: tenants.KeyGrant) -> None:
+    def put(self, key_hash: str, grant: tenants.KeyGrant, looked_up_at: float) -> None:
+        """Keep ``grant`` until ``ttl`` after ``looked_up_at``: when the look-up *began*,
+        so that a revocation committed during a slow look-up still counts from its commit."""
         with self._lock:
             if len(self._grants) >= self.max_entries:
                 self._grants.clear()
-            self._grants[key_hash] = (time.monotonic(), grant)
+            self._grants[key_hash] = (looked_up_at, grant)
 
     def forget(self, key_hash: str) -> None:
         self._grants.pop(key_hash, None)
@@ -105,11 +107,12 @@ def _grant(key: str) -> tenants.KeyGrant | None:
     key_hash = tenants.hash_api_key(key)
     grant = _cache.get(key_hash)
     if grant is None:
+        looked_up_at = time.monotonic()
         with db.engine().connect() as conn:
             grant = tenants.grant_for_api_key(conn, key)
         if grant is None:
             return None  # unknown keys are not cached: a new key works at once
-        _cache.put(key_hash, grant)
+        _cache.put(key_hash, grant, looked_up_at)
     if grant.expires_at is not None and grant.expires_at <= datetime.now(UTC):
         _cache.forget(key_hash)
         return None

@@ -327,4 +327,6 @@ def post_declared_tool(
                 problem = f"HTTP {response.status_code}"
             if attempt < POST_ATTEMPTS:
                 time.sleep(POST_RETRY.delay(attempt))
-    raise TransientToolError(f"the tool at {url} failed {POST_ATTEMPTS} times: {problem}")
+    raise TransientToolError(
+        f"the tool at {redact_text(url)} failed {POST_ATTEMPTS} times: {problem}"
+    )

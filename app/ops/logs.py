@@ -146,6 +146,8 @@ class ConsoleFormatter(logging.Formatter):
         line = f"{clock} {self.process:<6} {record.levelname:<5} {message}"
         if record.exc_info:
             line = f"{line}\n{self.formatException(record.exc_info)}"
+        elif record.exc_text:  # already rendered (and redacted) by RedactionFilter
+            line = f"{line}\n{record.exc_text}"
         elif record.stack_info:
             line = f"{line}\n{self.formatStack(record.stack_info)}"
         return line

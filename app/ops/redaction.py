@@ -104,8 +104,8 @@ _FORMATTER = logging.Formatter()
 
 
 class RedactionFilter(logging.Filter):
-    """Redacts a record before any formatter sees it: the message with its arguments
-    (rendered here, once), every extra field, the traceback and the stack."""
+    """Redacts a record before any formatter sees it: the message with its arguments,
+    every extra field, the traceback (rendered here into ``exc_text``) and the stack."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
@@ -121,12 +121,7 @@ def _redact_record(record: logging.LogRecord) -> None:
         record.msg = redact(record.msg)
         record.args = redact(record.args) if record.args else record.args
     else:
-        try:
-            message = record.getMessage()
-        except Exception:  # arguments that do not fit the format: keep both, redacted
-            message = f"{record.msg} {record.args!r}"
-        record.msg = redact_text(message)
-        record.args = ()
+        _redact_message(record)
     if record.exc_info:
         # Rendered here so that every formatter (text or JSON) prints the redacted text.
         record.exc_text = redact_text(_FORMATTER.formatException(record.exc_info))
@@ -142,3 +137,19 @@ def _redact_record(record: logging.LogRecord) -> None:
             setattr(record, name, REDACTED)
         elif not isinstance(value, bool | int | float) and value is not None:
             setattr(record, name, redact(value))
+
+
+def _redact_message(record: logging.LogRecord) -> None:
+    """Redact the arguments and keep them (formatters may read them, as the console
+    formatter reads Celery's); when the message they make still needs redaction (a
+    credential made of the format and an argument together), keep the rendered text."""
+    if record.args:
+        record.args = redact(record.args)
+    try:
+        message = record.getMessage()
+    except Exception:  # arguments that do not fit the format: keep both, redacted
+        record.msg, record.args = redact_text(f"{record.msg} {record.args!r}"), ()
+        return
+    redacted = redact_text(message)
+    if redacted != message:
+        record.msg, record.args = redacted, ()

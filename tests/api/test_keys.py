@@ -290,7 +290,7 @@ def test_a_revoked_key_is_refused_by_every_web_process_within_the_bound(two_webs
 
 
 def test_an_expired_key_is_refused_by_every_web_process_from_its_expiry_on(two_webs):
-    ran = two_webs.outlast("tenants", "add-key", two_webs.tenant.name, "--expires-in", "4s")
+    ran = two_webs.outlast("tenants", "add-key", two_webs.tenant.name, "--expires-in", "6s")
     issued = json.loads(ran.stdout)
     expires_at = parse_time(issued["expires_at"]).timestamp()
 

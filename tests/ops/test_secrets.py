@@ -94,7 +94,7 @@ def configured_logs(capsys):
     logs.clear()
 
 
-@pytest.mark.parametrize("log_format", ["json", "text"])
+@pytest.mark.parametrize("log_format", ["json", "console"])
 def test_every_line_the_configured_handler_writes_is_redacted(configured_logs, capsys, log_format):
     configured_logs(log_format)
     log = logging.getLogger("outlast.test.secrets")
@@ -124,6 +124,25 @@ def test_every_line_the_configured_handler_writes_is_redacted(configured_logs, c
         fields = {k: v for line in lines for k, v in line.items()}
         assert fields["query"] == "token=[redacted]" and fields["api_key"] == REDACTED
         assert fields["request_id"] == REDACTED
+
+
+def test_the_filter_keeps_arguments_formatters_read_and_redacts_them():
+    # Celery's lines pass a mapping the console formatter reads (to drop the message id).
+    record = logging.makeLogRecord(
+        {
+            "name": "celery.app.trace",
+            "msg": "Task %(name)s[%(id)s] succeeded in %(runtime)ss: %(return_value)s",
+            "args": {"name": "outlast.run_step", "id": "abc", "runtime": 0.5, "return_value": KEY},
+        }
+    )
+    assert RedactionFilter().filter(record) is True
+    assert record.args["id"] == "abc" and record.args["return_value"] == REDACTED
+    short = logs.ConsoleFormatter("worker").format(record)
+    assert short.endswith("outlast.run_step succeeded in 0.5s: [redacted]"), short
+    # A credential made of the format and an argument together: the rendered line is kept.
+    joined = logging.makeLogRecord({"msg": "GET /x?token=%s", "args": ("plain123",)})
+    RedactionFilter().filter(joined)
+    assert joined.getMessage() == "GET /x?token=[redacted]"
 
 
 def test_the_filter_never_drops_a_line_whose_arguments_do_not_fit():
