@@ -85,6 +85,7 @@ class Settings:
     webhook_concurrency_per_tenant: int = 4  # V2.md 8: webhook sends in flight per tenant
     webhook_allow_private: bool = False
     tools_deny_private: bool = False  # OUTLAST_TOOLS_DENY_PRIVATE: SSRF guard on agent tools
+    tools_trust_env: bool = False  # OUTLAST_TOOLS_TRUST_ENV: agent tools honour *_PROXY, netrc
     max_body_bytes: int = 1048576
     max_checkpoint_bytes: int = 8 * 1048576  # a step's state or result, as JSON
     task_retention_days: int = 30  # after acknowledged_at (V2.md 4)
@@ -147,6 +148,7 @@ class Settings:
             ),
             webhook_allow_private=_bool(env, "OUTLAST_WEBHOOK_ALLOW_PRIVATE", False),
             tools_deny_private=_bool(env, "OUTLAST_TOOLS_DENY_PRIVATE", False),
+            tools_trust_env=_bool(env, "OUTLAST_TOOLS_TRUST_ENV", False),
             max_body_bytes=_int(env, "OUTLAST_MAX_BODY_BYTES", 1048576, 1, 1 << 31),
             max_checkpoint_bytes=_int(
                 env, "OUTLAST_MAX_CHECKPOINT_BYTES", 8 * 1048576, 1024, 256 * 1048576

@@ -142,7 +142,7 @@ class InvalidIdempotencyKey(BadRequest):
 
 
 class Unauthorized(APIError):
-    """401 ``unauthorized``: the API key is missing, unknown or revoked."""
+    """401 ``unauthorized``: the API key is missing, unknown, revoked or expired."""
 
 
 class NotFound(APIError):

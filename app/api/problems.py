@@ -10,13 +10,16 @@ from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
 
 from app.errors import PROBLEM_JSON, ApiError, InvalidJson, Unavailable, ValidationFailed
+from app.ops.redaction import redact
 from app.store.db_errors import is_database_unavailable
 
 log = logging.getLogger(__name__)
 
 
 def problem_response(error: ApiError) -> Response:
-    response = Response(json.dumps(error.body()), status=error.status, mimetype=PROBLEM_JSON)
+    # An error body never echoes a credential (V2.md 12a), whatever a message quoted.
+    body = redact(error.body(), by_name=False)
+    response = Response(json.dumps(body), status=error.status, mimetype=PROBLEM_JSON)
     for name, value in error.headers.items():
         response.headers[name] = value
     return response

@@ -134,7 +134,8 @@ class CreateTaskRequest(Schema):
         try:
             check_url(value, allow_private=settings_mod.current().webhook_allow_private)
         except UnsafeUrl as exc:
-            raise ValidationError(f"Must be a public http(s) URL: {exc}.") from None
+            # The rule, never the address the host resolved to (V2.md 12a).
+            raise ValidationError(f"This address is not allowed for webhooks: {exc}.") from None
 
     @validates_schema(skip_on_field_errors=True)
     def _input_matches_agent_schema(self, data: dict[str, Any], **_: Any) -> None:

@@ -21,6 +21,7 @@ from app import settings
 from app.dev.processes import ManagedProcess, Warden
 from app.dev.stacklock import StackLock, StackRunning, port_problem
 from app.ops import logs
+from app.ops.redaction import RedactionFilter
 from app.store import db, tenants
 
 CELERY_TARGET = "workers.make_celery"
@@ -359,6 +360,7 @@ class _Output:
 
     def __init__(self, log_format: str):
         self.formatter = logs.formatter(log_format, "up")
+        self._redaction = RedactionFilter()
 
     def say(self, text: str = "") -> None:
         """A line for people on stdout (the banner)."""
@@ -367,6 +369,7 @@ class _Output:
     def log(self, message: str, level: int = logging.INFO) -> None:
         """A log line on stderr, in the stack's format."""
         record = logging.LogRecord("outlast.up", level, __file__, 0, message, None, None)
+        self._redaction.filter(record)  # as every handler does (V2.md 12a)
         self._write(sys.stderr, self.formatter.format(record) + "\n")
 
     def refuse(self, message: str) -> None:

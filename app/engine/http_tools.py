@@ -4,7 +4,10 @@ Both send the call's key as ``Idempotency-Key``. URLs an agent calls come from t
 task's own input, and the runtime contract puts no address limit on them (the `calls`
 agent is commonly pointed at a service on the same host), so by default any http(s)
 URL is called; ``OUTLAST_TOOLS_DENY_PRIVATE=1`` applies the SSRF guard of
-:mod:`app.webhooks.urlguard` to every URL and every redirect target.
+:mod:`app.webhooks.urlguard` to every URL and every redirect target, before the call and
+again at connect time (the session resolves the name itself and connects only to an
+address it checked, as webhooks do). Proxy variables and netrc are ignored unless
+``OUTLAST_TOOLS_TRUST_ENV=1`` (a proxy would hide the real destination from the guard).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from urllib.parse import urljoin
 import requests
 
 from app import settings as settings_mod
+from app.ops.redaction import redact_text
 from app.webhooks import urlguard
 from outlast.backoff import Backoff
 from outlast.sdk import AgentError, ToolCall, TransientToolError, tool
@@ -47,6 +51,17 @@ TEXT_TYPES = (
 def _guard(url: str) -> str:
     deny_private = settings_mod.current().tools_deny_private
     return urlguard.check_url(url, allow_private=not deny_private)
+
+
+def _session() -> requests.Session:
+    """The session one tool call uses: the connect-time guard when private addresses are
+    denied, and the environment's proxies only when the operator says so."""
+    cfg = settings_mod.current()
+    session = urlguard.guarded_session(allow_private=not cfg.tools_deny_private)
+    # With a proxy the guard sees the proxy, not the destination: only check_url's
+    # look-up before each call applies then (docs/operations.md, Security).
+    session.trust_env = cfg.tools_trust_env
+    return session
 
 
 # --- http_get -----------------------------------------------------------------------------
@@ -150,10 +165,11 @@ def fetch(
     if key:
         headers["Idempotency-Key"] = key
     current = url
+    session = _session()
     try:
         for _hop in range(max_redirects + 1):
             _guard(current)
-            response = requests.get(
+            response = session.get(
                 current, headers=headers, timeout=timeout, stream=True, allow_redirects=False
             )
             with response:
@@ -191,6 +207,8 @@ def fetch(
         page["error"] = f"timed out after {timeout:g}s"
     except requests.RequestException as exc:
         page["error"] = f"unreachable: {type(exc).__name__}"
+    finally:
+        session.close()
     return page
 
 
@@ -215,27 +233,31 @@ def http_post(
     """POST ``json`` with ``Idempotency-Key: <the call's key>``; 5xx answers and
     connection errors are retried here with the same key (then the step is retried).
     Returns ``{"status", "body"}``; a 4xx answer is returned, not raised."""
+    shown = redact_text(url)  # errors are stored and logged: no credential in them
     try:
         _guard(url)
     except urlguard.UnsafeUrl as exc:
-        raise AgentError(f"http_post refused {url}: {exc}") from None
+        raise AgentError(f"http_post refused {shown}: {exc}") from None
     sent_headers = {"User-Agent": USER_AGENT, **(headers or {}), "Idempotency-Key": call.key}
     problem = ""
-    for attempt in range(1, attempts + 1):
-        call.check_cancelled()
-        try:
-            response = requests.post(
-                url, json=json, headers=sent_headers, timeout=timeout, allow_redirects=False
-            )
-        except requests.RequestException as exc:
-            problem = f"{type(exc).__name__}: {exc}"
-        else:
-            if response.status_code < 500:
-                return {"status": response.status_code, "body": _body(response)}
-            problem = f"HTTP {response.status_code}"
-        if attempt < attempts:
-            time.sleep(POST_RETRY.delay(attempt))
-    raise TransientToolError(f"POST {url} failed {attempts} times: {problem}")
+    with _session() as session:
+        for attempt in range(1, attempts + 1):
+            call.check_cancelled()
+            try:
+                response = session.post(
+                    url, json=json, headers=sent_headers, timeout=timeout, allow_redirects=False
+                )
+            except urlguard.UnsafeUrl as exc:  # the connect-time guard: final, not retried
+                raise AgentError(f"http_post refused {shown}: {exc}") from None
+            except requests.RequestException as exc:
+                problem = redact_text(f"{type(exc).__name__}: {exc}")
+            else:
+                if response.status_code < 500:
+                    return {"status": response.status_code, "body": _body(response)}
+                problem = f"HTTP {response.status_code}"
+            if attempt < attempts:
+                time.sleep(POST_RETRY.delay(attempt))
+    raise TransientToolError(f"POST {shown} failed {attempts} times: {problem}")
 
 
 def _body(response: requests.Response) -> Any:
@@ -305,4 +327,6 @@ def post_declared_tool(
                 problem = f"HTTP {response.status_code}"
             if attempt < POST_ATTEMPTS:
                 time.sleep(POST_RETRY.delay(attempt))
-    raise TransientToolError(f"the tool at {url} failed {POST_ATTEMPTS} times: {problem}")
+    raise TransientToolError(
+        f"the tool at {redact_text(url)} failed {POST_ATTEMPTS} times: {problem}"
+    )

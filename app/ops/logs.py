@@ -13,6 +13,9 @@ each thread and each request or Celery task has its own):
 - web lines: ``request_id`` (the caller's ``X-Request-Id`` when it is sane, else a new
   one; returned as ``X-Request-Id``), and the access line of every request with method,
   path, status and duration (gunicorn's access log through :class:`GunicornLogger`).
+
+Every handler made here redacts credentials (:mod:`app.ops.redaction`) before
+formatting: no API key, webhook secret or ``Authorization`` value reaches a line.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+from app.ops.redaction import RedactionFilter, redact
 from app.settings import Settings
 
 _context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
@@ -52,7 +56,8 @@ def bind(**fields: Any) -> None:
     ``logs.bind(agent=..., attempt=...)`` after loading the task.
     """
     current = dict(_context.get())
-    current.update({k: v for k, v in fields.items() if v is not None})
+    # Redacted here too: a formatter may print the context without going through a record.
+    current.update({k: redact(v) for k, v in fields.items() if v is not None})
     _context.set(current)
 
 
@@ -141,6 +146,8 @@ class ConsoleFormatter(logging.Formatter):
         line = f"{clock} {self.process:<6} {record.levelname:<5} {message}"
         if record.exc_info:
             line = f"{line}\n{self.formatException(record.exc_info)}"
+        elif record.exc_text:  # already rendered (and redacted) by RedactionFilter
+            line = f"{line}\n{record.exc_text}"
         elif record.stack_info:
             line = f"{line}\n{self.formatStack(record.stack_info)}"
         return line
@@ -217,6 +224,7 @@ def configure(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_formatter(settings))
     handler.addFilter(ContextFilter())
+    handler.addFilter(RedactionFilter())  # last: it sees the context fields too
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
@@ -303,6 +311,7 @@ class GunicornLogger(_GunicornBase):  # type: ignore[misc,valid-type]
             for handler in logger.handlers:
                 handler.setFormatter(formatter)
                 handler.addFilter(ContextFilter())
+                handler.addFilter(RedactionFilter())  # the access line's query string too
 
     def access(self, resp: Any, req: Any, environ: Mapping[str, Any], request_time: Any) -> None:
         if not self.access_log_enabled:

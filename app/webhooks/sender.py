@@ -38,6 +38,7 @@ from sqlalchemy.engine import Connection
 
 from app import settings as settings_mod
 from app.ops import metrics
+from app.ops.redaction import redact_text
 from app.settings import Settings
 from app.store import db, outbox
 from app.store.representation import event_json
@@ -56,6 +57,9 @@ RETRY_AFTER_CAP_SECONDS = 86400.0
 # last_error and attempt errors are kept short.
 ERROR_MAX_CHARS = 500
 USER_AGENT = "Outlast-Webhooks/1"
+# One answer for a refused connection and for an address the SSRF guard refused: a
+# tenant must not tell the two apart (V2.md 12a), or it could map the operator's network.
+CONNECTION_REFUSED = "connection refused or not allowed"
 
 
 class DeliveryStatus:
@@ -224,7 +228,9 @@ class _Exchange:
             self.outcome = self._exchange()
         except BaseException as exc:  # never let a customer URL crash the sender
             self.outcome = Outcome(
-                False, error=_short(f"request failed: {exc!r}"), duration_ms=self._took()
+                False,
+                error=_short(f"request failed: {redact_text(repr(exc))}"),
+                duration_ms=self._took(),
             )
         finally:
             self.done.set()
@@ -239,10 +245,8 @@ class _Exchange:
         url, timeout_seconds, took = self.url, self.timeout_seconds, self._took
         try:
             urlguard.check_url(url, allow_private=self.allow_private)
-        except urlguard.UnsafeUrl as exc:
-            return Outcome(
-                False, error=_short(f"refused by the SSRF guard: {exc}"), duration_ms=took()
-            )
+        except urlguard.UnsafeUrl:
+            return Outcome(False, error=CONNECTION_REFUSED, duration_ms=took())
         request_headers = {
             **self.headers,
             "Content-Type": "application/json",
@@ -263,10 +267,8 @@ class _Exchange:
             ) as response:
                 code = response.status_code
                 retry_after_header = response.headers.get("Retry-After")
-        except urlguard.UnsafeUrl as exc:
-            return Outcome(
-                False, error=_short(f"refused by the SSRF guard: {exc}"), duration_ms=took()
-            )
+        except urlguard.UnsafeUrl:
+            return Outcome(False, error=CONNECTION_REFUSED, duration_ms=took())
         except requests.Timeout:
             return Outcome(
                 False, error=f"no answer within {timeout_seconds:g}s (timeout)", duration_ms=took()
@@ -278,10 +280,18 @@ class _Exchange:
                     error=f"no answer within {timeout_seconds:g}s (timeout)",
                     duration_ms=took(),
                 )
-            return Outcome(False, error=_short(f"request failed: {exc}"), duration_ms=took())
+            if isinstance(exc, requests.exceptions.SSLError):  # only after an allowed connect
+                error = f"TLS failed: {redact_text(str(exc))}"
+            elif isinstance(exc, requests.ConnectionError):
+                error = CONNECTION_REFUSED
+            else:
+                error = f"request failed: {redact_text(str(exc))}"
+            return Outcome(False, error=_short(error), duration_ms=took())
         except Exception as exc:  # a customer URL must never crash the sender: record, retry
             log.exception("unexpected error sending a webhook to %s", url)
-            return Outcome(False, error=_short(f"request failed: {exc!r}"), duration_ms=took())
+            return Outcome(
+                False, error=_short(f"request failed: {redact_text(repr(exc))}"), duration_ms=took()
+            )
         finally:
             session.close()
         duration_ms = took()

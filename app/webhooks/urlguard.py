@@ -1,9 +1,16 @@
-"""The SSRF guard for webhook URLs: http(s) only, and never a private address.
+"""The SSRF guard for customer URLs (webhooks, and agent tools with
+``OUTLAST_TOOLS_DENY_PRIVATE=1``): http(s) only, and never a private address.
 
 Checked at submission and again at send time (DNS can change in between), unless
-``OUTLAST_WEBHOOK_ALLOW_PRIVATE=1``. At send time :func:`guarded_session` also checks the
-address the socket actually connected to, so a name that resolves to a public address
-for the check and to a private one for the connection (DNS rebinding) is still refused.
+``OUTLAST_WEBHOOK_ALLOW_PRIVATE=1``. At send time :func:`guarded_session` resolves the
+name itself, checks every address, and connects only to an address it checked (then
+checks the connected peer once more): a name that resolves to a public address for the
+first check and to a private one for the connection (DNS rebinding) never gets a packet
+sent to the private address.
+
+Refusals never name an address (V2.md 12a): "this host is not allowed", whether the
+name resolved to a private address or did not resolve at all, so that answers cannot
+map the operator's network.
 """
 
 from __future__ import annotations
@@ -17,6 +24,15 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+from urllib3.util import connection as urllib3_connection
+
+# What every address-based refusal says: the rule, never the address.
+HOST_NOT_ALLOWED = (
+    "the host is not allowed: it must resolve only to public addresses (private, loopback, "
+    "link-local, multicast and reserved addresses are refused)"
+)
+CONNECTION_NOT_ALLOWED = "the connection was not allowed (the SSRF guard refused its address)"
 
 
 class UnsafeUrl(ValueError):
@@ -44,15 +60,18 @@ def _is_forbidden(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 
 
 def resolve(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """Every address ``host`` resolves to (an IP literal resolves to itself)."""
+    """Every address ``host`` resolves to (an IP literal resolves to itself).
+
+    A name that does not resolve is refused with the same words as a private one.
+    """
     try:
         return [ipaddress.ip_address(host)]
     except ValueError:
         pass
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise UnsafeUrl(f"the host {host!r} does not resolve") from exc
+    except (OSError, UnicodeError) as exc:
+        raise UnsafeUrl(HOST_NOT_ALLOWED) from exc
     return [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
 
 
@@ -66,8 +85,8 @@ def check_url(url: str, *, allow_private: bool, resolve_host: bool = True) -> st
     try:
         parts = urlsplit(url)
         port = parts.port  # raises ValueError on a bad port
-    except ValueError as exc:
-        raise UnsafeUrl(f"not a valid URL: {exc}") from None
+    except ValueError:
+        raise UnsafeUrl("not a valid URL") from None
     if parts.scheme not in ("http", "https"):
         raise UnsafeUrl("must be an http or https URL")
     host = parts.hostname
@@ -86,12 +105,8 @@ def check_url(url: str, *, allow_private: bool, resolve_host: bool = True) -> st
         addresses = [ip]
     else:
         addresses = resolve(host)
-    for ip in addresses:
-        if _is_forbidden(ip):
-            raise UnsafeUrl(
-                f"the host resolves to {ip}, a private, loopback, link-local, multicast or "
-                "reserved address (set OUTLAST_WEBHOOK_ALLOW_PRIVATE=1 to allow it)"
-            )
+    if any(_is_forbidden(ip) for ip in addresses):
+        raise UnsafeUrl(HOST_NOT_ALLOWED)
     return url
 
 
@@ -100,19 +115,57 @@ def check_url(url: str, *, allow_private: bool, resolve_host: bool = True) -> st
 
 def check_peer_address(address: str) -> None:
     """Raise :class:`UnsafeUrl` when a connected socket's peer address is forbidden."""
-    ip = ipaddress.ip_address(address.split("%")[0])
-    if _is_forbidden(ip):
-        raise UnsafeUrl(
-            f"the connection went to {ip}, a private, loopback, link-local, multicast or "
-            "reserved address (set OUTLAST_WEBHOOK_ALLOW_PRIVATE=1 to allow it)"
-        )
+    if _is_forbidden(ipaddress.ip_address(address.split("%")[0])):
+        raise UnsafeUrl(CONNECTION_NOT_ALLOWED)
+
+
+def _checked_addresses(host: str, port: int) -> list[tuple[int, str]]:
+    """``(family, address)`` to connect to for ``host``: resolved once, here, and refused
+    as a whole when any address is forbidden (the same rule as :func:`check_url`)."""
+    infos = socket.getaddrinfo(
+        host, port, urllib3_connection.allowed_gai_family(), socket.SOCK_STREAM
+    )
+    addresses = [(family, sockaddr[0]) for family, _, _, _, sockaddr in infos]
+    for _, address in addresses:
+        if _is_forbidden(ipaddress.ip_address(address.split("%")[0])):
+            raise UnsafeUrl(CONNECTION_NOT_ALLOWED)
+    return addresses
 
 
 class _PeerCheckedConnection:
-    """Mixin for urllib3 connections: refuse the socket if its peer is forbidden."""
+    """Mixin for urllib3 connections: resolve the host here, connect only to addresses
+    that passed the guard, and refuse the socket if its peer is forbidden all the same."""
 
     def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()  # type: ignore[misc]
+        host, port = self._dns_host, self.port  # type: ignore[attr-defined]
+        try:
+            addresses = _checked_addresses(host, port)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise NameResolutionError(self.host, self, exc) from exc  # type: ignore[attr-defined,arg-type]
+        sock: socket.socket | None = None
+        error: OSError | None = None
+        for _family, address in addresses:
+            try:
+                # An address literal: create_connection resolves nothing more.
+                sock = urllib3_connection.create_connection(
+                    (address, port),
+                    self.timeout,  # type: ignore[attr-defined]
+                    source_address=self.source_address,  # type: ignore[attr-defined]
+                    socket_options=self.socket_options,  # type: ignore[attr-defined]
+                )
+                break
+            except OSError as exc:
+                error = exc
+        if sock is None:
+            if isinstance(error, TimeoutError | socket.timeout):
+                raise ConnectTimeoutError(
+                    self,
+                    f"Connection to {self.host} timed out. (connect timeout={self.timeout})",  # type: ignore[attr-defined]
+                ) from error
+            raise NewConnectionError(
+                self,
+                f"Failed to establish a new connection: {error}",  # type: ignore[arg-type]
+            ) from error
         try:
             check_peer_address(sock.getpeername()[0])
         except BaseException:

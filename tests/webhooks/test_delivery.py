@@ -136,7 +136,7 @@ def test_receiver_down_for_the_whole_run_ends_failed_after_the_configured_attemp
     assert rows[0]["status"] == "failed"
     assert rows[0]["attempts"] == 4
     assert rows[0]["last_status_code"] is None
-    assert "request failed" in rows[0]["last_error"]
+    assert rows[0]["last_error"] == "connection refused or not allowed"
     tried = attempts(rows[0]["id"])
     assert [a["attempt"] for a in tried] == [1, 2, 3, 4]
     assert all(a["error"] and a["status_code"] is None for a in tried)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from app.webhooks.urlguard import UnsafeUrl, check_url, guarded_session
+from app.webhooks.sender import CONNECTION_REFUSED, send
+from app.webhooks.urlguard import HOST_NOT_ALLOWED, UnsafeUrl, check_url, guarded_session
+from tests.engine import rebinding
 from tests.harness import wait_until
 from tests.webhooks.helpers import attempts, deliveries, finish_task
 
@@ -70,7 +72,7 @@ def test_guarded_session_refuses_a_connection_that_lands_on_loopback(make_receiv
     receiver = make_receiver()
     session = guarded_session(allow_private=False)
     for url in (receiver.url, f"http://localhost:{receiver.port}/hooks"):
-        with pytest.raises(UnsafeUrl, match="connection went to"):
+        with pytest.raises(UnsafeUrl, match="connection was not allowed"):
             session.post(url, data=b"{}", timeout=3)
     session.close()
     assert receiver.count() == 0
@@ -98,9 +100,10 @@ def test_send_time_guard_records_a_refused_url_as_a_failed_attempt(
         )
         assert rows[0]["attempts"] == 2
         assert rows[0]["last_status_code"] is None
-        assert rows[0]["last_error"].startswith("refused by the SSRF guard")
+        # The same words as any refused connection: nothing tells "not allowed" apart.
+        assert rows[0]["last_error"] == CONNECTION_REFUSED
         tried = attempts(rows[0]["id"])
-        assert len(tried) == 2 and all("SSRF guard" in a["error"] for a in tried)
+        assert len(tried) == 2 and all(a["error"] == CONNECTION_REFUSED for a in tried)
     assert receiver.count() == 0
 
 
@@ -134,3 +137,76 @@ def test_submission_with_a_loopback_webhook_url_is_accepted_when_private_is_allo
         headers=auth,
     )
     assert response.status_code == 202, response.get_json()
+
+
+# --- answers that reveal nothing (V2.md 12a) ---------------------------------------------
+
+
+def _refusal(url: str) -> str:
+    with pytest.raises(UnsafeUrl) as refused:
+        check_url(url, allow_private=False)
+    return str(refused.value)
+
+
+def test_a_refusal_names_the_rule_never_the_address_the_host_resolved_to():
+    with rebinding.installed():
+        answers = {
+            url: _refusal(url)
+            for url in (
+                "http://localhost:8080/hooks",  # resolves to 127.0.0.1 and ::1
+                "http://127.0.0.1/hooks",
+                "http://10.0.3.7/hooks",
+                "http://[::ffff:10.0.3.7]/hooks",
+                f"http://gone{rebinding.NOWHERE}/hooks",  # does not resolve at all
+            )
+        }
+    for url, answer in answers.items():
+        assert answer == HOST_NOT_ALLOWED, url
+        for address in ("127.0.0.1", "::1", "10.0.3.7", "ffff"):
+            assert address not in answer, (url, answer)
+    # A name that does not resolve and one that resolves privately read the same.
+    assert len(set(answers.values())) == 1
+
+
+@pytest.mark.webhook_env(OUTLAST_WEBHOOK_ALLOW_PRIVATE=PRIVATE)
+def test_a_refused_webhook_url_answers_422_with_the_field_and_the_rule_only(client, auth):
+    response = client.post(
+        "/v1/tasks",
+        json={"agent": "echo", "input": {"message": "hi"}, "webhook_url": "http://localhost/x"},
+        headers=auth,
+    )
+
+    assert response.status_code == 422
+    body = response.get_json()
+    [message] = body["errors"]["webhook_url"]
+    assert message.startswith("This address is not allowed for webhooks")
+    text = response.get_data(as_text=True)
+    assert "127.0.0.1" not in text and "::1" not in text
+
+
+def test_a_delivery_error_does_not_tell_a_disallowed_address_from_a_refused_connection(
+    make_receiver,
+):
+    # Given: a port nobody listens on (private addresses allowed: an ordinary refused
+    # connection), the same address with the guard on, a name that resolves public for the
+    # check and loopback for the connection, and a name that does not resolve
+    from app.dev.embedded import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}/hooks"
+    receiver = make_receiver()
+    rebinding_name = f"http://hooks{rebinding.SUFFIX}:{receiver.port}/hooks"
+
+    def error(url: str, allow_private: bool) -> str | None:
+        return send(url, b"{}", {}, timeout_seconds=3, allow_private=allow_private).error
+
+    with rebinding.installed():
+        errors = {
+            "refused": error(closed, True),
+            "disallowed": error(receiver.url, False),
+            "rebinding": error(rebinding_name, False),
+            "unresolvable": error(f"http://gone{rebinding.NOWHERE}/hooks", False),
+        }
+
+    # Then every last_error reads the same, and the receiver was never reached
+    assert set(errors.values()) == {CONNECTION_REFUSED}, errors
+    assert receiver.count() == 0
