@@ -247,9 +247,10 @@ def submit(
         else:
             click.echo(task["id"])
         return
-    if task["status"] in STATUS_EXIT:
-        _report_outcome(task, as_json)
+    # The id first, whatever happens next: it is what `outlast ack ID` needs.
     click.echo(f"submitted {task['id']} ({agent})", err=True)
+    if task["status"] in STATUS_EXIT:  # answered by the submission itself
+        _report_outcome(task, as_json)
     try:
         task = _follow(client, task, show_bar=True)
     except KeyboardInterrupt:

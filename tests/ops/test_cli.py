@@ -206,8 +206,11 @@ def test_submit_wait_answers_a_quick_task_from_the_submission_itself(outlast, op
     assert done.returncode == 0, done.stderr
     task = json.loads(done.stdout)
     assert task["status"] == "completed" and time.monotonic() - started < 5
+    assert f"submitted {task['id']} (echo)" in done.stderr  # the id, to acknowledge it
     # Answered by Prefer: wait: the task was never followed through its event stream.
-    assert "submitted" not in done.stderr
+    (web,) = [p for p in ops_stack.stack.processes if p.name.startswith("web")]
+    assert f"/v1/tasks/{task['id']}/events" not in web.log_text()
+    assert "POST /v1/tasks" in web.log_text()  # (the access log is there to read)
 
 
 def test_results_lists_unacknowledged_results_until_ack_and_delete_removes_one(outlast):
