@@ -14,6 +14,10 @@ def run_migrations_online() -> None:
     with engine.connect() as connection:
         # One advisory lock makes two concurrent `release` runs take turns.
         connection.exec_driver_sql("SELECT pg_advisory_lock(7061746)")
+        # The lock is the session's; end the transaction that took it, so that each
+        # revision runs in a transaction of its own (0004's new enum value must be
+        # committed before 0005 uses it).
+        connection.commit()
         try:
             context.configure(connection=connection, transaction_per_migration=True)
             with context.begin_transaction():

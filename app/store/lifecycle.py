@@ -29,11 +29,12 @@ NOTIFY_CHANNEL = "outlast_task"
 
 
 class Status(enum.StrEnum):
-    """Mirrors the SQL enum ``task_status`` (see migrations/versions/0001_initial.py)."""
+    """Mirrors the SQL enum ``task_status`` (migrations 0001 and 0004)."""
 
     PENDING = "pending"
     WORKING = "working"
     INPUT_REQUIRED = "input_required"
+    COMPENSATING = "compensating"  # V2.md 2: undoing completed calls, then failed/cancelled
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"

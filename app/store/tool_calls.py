@@ -108,7 +108,7 @@ def begin(
                 "SELECT t.id, :step, :call, :name, :key, 'started', CAST(:args AS jsonb), "
                 ":args_hash FROM tasks t WHERE t.id = :task_id AND t.lease_token = :token "
                 "AND t.status = 'working' AND t.lease_expires_at > now() "
-                "ON CONFLICT (task_id, step_index, call_index) DO UPDATE "
+                "ON CONFLICT (task_id, step_index, call_index, kind) DO UPDATE "
                 "SET status = 'started', attempts = tool_calls.attempts + 1, error = NULL, "
                 "started_at = now(), finished_at = NULL, "
                 "args_hash = COALESCE(tool_calls.args_hash, EXCLUDED.args_hash) "
