@@ -42,8 +42,12 @@ def _alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"
 
 
-def group_alive(pgid: int) -> bool:
-    """Some live (non-zombie) process is in process group ``pgid``."""
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes whose process group is ``pgid``.
+
+    Here, not in ``processes.py`` (which imports it), because the warden runs as a
+    standard-library script and cannot import the package."""
+    members = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -52,10 +56,16 @@ def group_alive(pgid: int) -> bool:
                 stat = f.read()
         except OSError:
             continue
+        # Fields after the parenthesised command: state, ppid, pgrp, ...
         fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def group_alive(pgid: int) -> bool:
+    """Some live (non-zombie) process is in process group ``pgid``."""
+    return bool(group_members(pgid))
 
 
 def postmaster_pid(data_dir: str) -> int | None:
