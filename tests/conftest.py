@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -99,6 +101,45 @@ class Servers:
             self._redis.stop()
         if self._pg is not None:
             self._pg.stop()
+
+
+@dataclass
+class FreshStack:
+    """A stack's own database and tenants (see :func:`fresh_stack`)."""
+
+    stack: Stack
+    env: dict[str, str]
+    database_url: str
+    tenants: dict[str, tenants.CreatedTenant]  # by the name given, each made unique
+
+
+@contextmanager
+def fresh_stack(
+    servers: Servers, log_dir: Path, tenant_names: Sequence[str], **extra_env: str
+) -> Iterator[FreshStack]:
+    """A database of its own with ``tenant_names`` in it, a flushed Redis, and a
+    :class:`Stack` to start the Procfile's processes on them (``TEST_ENV`` plus
+    ``extra_env``). While it is open this process's settings point at that database, so
+    the test can read and write it directly; at the end every process is stopped, the
+    settings come back and the database is dropped. For module-scoped stacks: a stack
+    per test costs seconds each."""
+    name, database_url = servers.fresh_database()
+    client = redis_lib.Redis.from_url(servers.redis_url)
+    client.flushall()
+    client.close()
+    env = {"DATABASE_URL": database_url, "REDIS_URL": servers.redis_url, **TEST_ENV, **extra_env}
+    previous = settings_mod._current
+    settings_mod.configure(Settings.from_env(env))
+    stack = Stack(ROOT, env, log_dir)
+    try:
+        with db.transaction() as conn:
+            made = {t: tenants.create(conn, f"{t}-{uuid.uuid4().hex[:8]}") for t in tenant_names}
+        yield FreshStack(stack, env, database_url, made)
+    finally:
+        stack.stop_all()
+        db.dispose()
+        settings_mod._current = previous
+        servers.drop(name)
 
 
 @pytest.fixture(scope="session")

@@ -17,12 +17,10 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from app import settings as settings_mod
 from app.api.auth import KEY_CACHE_SECONDS
-from app.settings import Settings
 from app.store import db, ids, tenants
-from tests.conftest import ROOT, TEST_ENV
-from tests.harness import Stack, wait_until
+from tests.conftest import fresh_stack
+from tests.harness import wait_until
 
 OUTLAST = str(Path(sys.executable).with_name("outlast"))
 KEY_FIELDS = {"prefix", "created_at", "last_used_at", "expires_at", "revoked_at"}
@@ -215,31 +213,13 @@ class TwoWebs:
 
 @pytest.fixture(scope="module")
 def two_webs(servers, tmp_path_factory) -> Iterator[TwoWebs]:
-    name, database_url = servers.fresh_database()
-    env = {
-        "DATABASE_URL": database_url,
-        "REDIS_URL": servers.redis_url,
-        **TEST_ENV,
-        "WEB_CONCURRENCY": "2",
-    }
-    previous = settings_mod._current
-    settings_mod.configure(Settings.from_env(env))
-    try:
-        with db.transaction() as conn:
-            tenant = tenants.create(conn, "two-webs")
-    finally:
-        db.dispose()
-        settings_mod._current = previous
-    stack = Stack(ROOT, env, Path(tmp_path_factory.mktemp("two-webs")))
-    try:
-        procs = [stack.start("web"), stack.start("web")]  # started together, then awaited
+    log_dir = Path(tmp_path_factory.mktemp("two-webs"))
+    with fresh_stack(servers, log_dir, ["two-webs"], WEB_CONCURRENCY="2") as fresh:
+        procs = [fresh.stack.start("web"), fresh.stack.start("web")]  # started, then awaited
         urls = [f"http://127.0.0.1:{proc.port}" for proc in procs]
         for url in urls:
             wait_until(lambda u=url: _ready(u), 60, what=f"{url}/readyz")
-        yield TwoWebs(urls, tenant, env)
-    finally:
-        stack.stop_all()
-        servers.drop(name)
+        yield TwoWebs(urls, fresh.tenants["two-webs"], fresh.env)
 
 
 def _ready(base_url: str) -> bool:

@@ -14,21 +14,17 @@ from __future__ import annotations
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis as redis_lib
 import requests
 
-from app import settings as settings_mod
-from app.settings import Settings
-from app.store import db, lifecycle, tenants
+from app.store import db, lifecycle
 from outlast.client import Client
 from tests.api.conftest import checkpoint, start
-from tests.conftest import ROOT, TEST_ENV
+from tests.conftest import fresh_stack
 from tests.harness import Stack
 
 CAP = 12  # OUTLAST_MAX_WAITERS_PER_TENANT of this stack
@@ -49,36 +45,20 @@ class Webs:
 
 @pytest.fixture(scope="module")
 def webs(servers, tmp_path_factory) -> Iterator[Webs]:
-    name, database_url = servers.fresh_database()
-    client = redis_lib.Redis.from_url(servers.redis_url)
-    client.flushall()
-    client.close()
-    env = {
-        "DATABASE_URL": database_url,
-        "REDIS_URL": servers.redis_url,
-        **TEST_ENV,
+    names = ("s0", "s1", "s2", "s3", "reader", "resumer", "burst", "bystander")
+    extra = {
         "WEB_CONCURRENCY": "1",
         "OUTLAST_MAX_WAITERS_PER_TENANT": str(CAP),
         "OUTLAST_RATE_LIMIT_PER_SECOND": str(RATE),
     }
-    previous = settings_mod._current
-    settings_mod.configure(Settings.from_env(env))
-    keys = {}
-    with db.transaction() as conn:
-        for tenant in ("s0", "s1", "s2", "s3", "reader", "resumer", "burst", "bystander"):
-            keys[tenant] = tenants.create(conn, f"{tenant}-{uuid.uuid4().hex[:6]}").api_key
-    stack = Stack(ROOT, env, Path(tmp_path_factory.mktemp("waiter-logs")))
-    try:
-        web_a = stack.start("web")
-        stack.wait_ready()
-        web_b = stack.start("web")
-        stack.wait_ready()
-        yield Webs(stack, web_a.port, web_b.port, keys)
-    finally:
-        stack.stop_all()
-        db.dispose()
-        settings_mod._current = previous
-        servers.drop(name)
+    log_dir = Path(tmp_path_factory.mktemp("waiter-logs"))
+    with fresh_stack(servers, log_dir, names, **extra) as fresh:
+        web_a = fresh.stack.start("web")
+        fresh.stack.wait_ready()
+        web_b = fresh.stack.start("web")
+        fresh.stack.wait_ready()
+        keys = {name: made.api_key for name, made in fresh.tenants.items()}
+        yield Webs(fresh.stack, web_a.port, web_b.port, keys)
 
 
 def headers(key: str, **extra: str) -> dict[str, str]:

@@ -9,20 +9,15 @@ drop its queue bindings).
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis as redis_lib
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import settings as settings_mod
-from app.settings import Settings
-from app.store import db, tenants
-from tests.conftest import ROOT, TEST_ENV
+from tests.conftest import fresh_stack
 from tests.harness import Stack
 
 
@@ -61,26 +56,9 @@ class OpsStack:
 @pytest.fixture(scope="module")
 def ops_stack(servers, tmp_path_factory) -> Iterator[OpsStack]:
     """web, worker and beat on a fresh database, with one tenant; stopped at the end."""
-    name, database_url = servers.fresh_database()
-    client = redis_lib.Redis.from_url(servers.redis_url)
-    client.flushall()
-    client.close()
-    env = {
-        "DATABASE_URL": database_url,
-        "REDIS_URL": servers.redis_url,
-        **TEST_ENV,
-        "WEB_CONCURRENCY": "1",
-    }
-    previous = settings_mod._current
-    settings_mod.configure(Settings.from_env(env))
-    try:
-        with db.transaction() as conn:
-            created = tenants.create(conn, f"ops-{uuid.uuid4().hex[:8]}")
-    finally:
-        db.dispose()
-        settings_mod._current = previous
-    stack = Stack(ROOT, env, Path(tmp_path_factory.mktemp("ops-logs")))
-    try:
+    log_dir = Path(tmp_path_factory.mktemp("ops-logs"))
+    with fresh_stack(servers, log_dir, ["ops"], WEB_CONCURRENCY="1") as fresh:
+        stack, created = fresh.stack, fresh.tenants["ops"]
         stack.start("web")
         worker = stack.start("worker")
         stack.start("beat")
@@ -91,9 +69,6 @@ def ops_stack(servers, tmp_path_factory) -> Iterator[OpsStack]:
             stack.base_url,
             created.api_key,
             created.tenant_id,
-            database_url,
+            fresh.database_url,
             created.webhook_secret,
         )
-    finally:
-        stack.stop_all()
-        servers.drop(name)
