@@ -409,7 +409,9 @@ class Client:
                 return
 
     def cancel(self, task_id: str) -> dict[str, Any]:
-        """Cancel a task (again: fine). Raises :class:`TaskTerminal` if it completed or failed."""
+        """Cancel a task (again: fine). Raises :class:`TaskTerminal` if it completed or failed.
+        A task with completed calls to undo comes back ``compensating`` (V2.md 5), then
+        becomes ``cancelled``: :meth:`wait` for it."""
         return self._request("POST", f"/v1/tasks/{task_id}/cancel", retry_network=True)
 
     def ack(self, task_id: str) -> dict[str, Any]:

@@ -42,6 +42,7 @@ EVENT_TYPES = [
     "task.failed",
     "task.cancelled",
     "task.migrated",
+    "task.compensating",
 ]
 
 
@@ -270,6 +271,18 @@ class TaskBudgetSchema(Schema):
     on_exhausted = fields.String(required=True, validate=validate.OneOf(["fail", "ask"]))
 
 
+class CompensationSchema(Schema):
+    """What a failed or cancelled task undid (V2.md section 5)."""
+
+    reason = fields.String(required=True, validate=validate.OneOf(["failed", "cancelled"]))
+    total = fields.Integer(required=True, metadata={"description": "Calls to undo."})
+    done = fields.Integer(required=True, metadata={"description": "Undos completed."})
+    failed = fields.Integer(
+        required=True,
+        metadata={"description": "Undos that failed for good (a 4xx, or out of retries)."},
+    )
+
+
 class TaskSchema(Schema):
     """The task object of API.md."""
 
@@ -307,6 +320,15 @@ class TaskSchema(Schema):
             "/v1/tasks/{id}/ack); the task is purged OUTLAST_TASK_RETENTION_DAYS after it."
         },
     )
+    compensation = fields.Nested(
+        CompensationSchema,
+        required=True,
+        allow_none=True,
+        metadata={
+            "description": "null when nothing was to be undone; else set on entry to "
+            "compensating and kept on the terminal task."
+        },
+    )
 
 
 class TaskPageSchema(Schema):
@@ -320,6 +342,11 @@ class ToolCallSchema(Schema):
     idempotency_key = fields.String(required=True)
     status = fields.String(
         required=True, validate=validate.OneOf(["started", "completed", "failed"])
+    )
+    kind = fields.String(
+        required=True,
+        validate=validate.OneOf(["call", "compensation"]),
+        metadata={"description": "compensation: the undo of the call at this index."},
     )
 
 

@@ -40,6 +40,7 @@ RETRY_AFTER_SECONDS = {
     lifecycle.Status.PENDING: 1,
     lifecycle.Status.WORKING: 2,
     lifecycle.Status.INPUT_REQUIRED: 5,
+    lifecycle.Status.COMPENSATING: 2,
 }
 
 # A task in one of these needs its client before anything more happens: a ``Prefer:
@@ -339,6 +340,7 @@ class TaskSteps(MethodView):
                     "name": call["name"],
                     "idempotency_key": call["idempotency_key"],
                     "status": call["status"],
+                    "kind": call["kind"],  # V2.md 5: "call" or "compensation" (an undo)
                 }
             )
         steps = [
@@ -357,20 +359,33 @@ class TaskSteps(MethodView):
 @blueprint.route("/tasks/<task_id>/cancel")
 class TaskCancel(MethodView):
     @blueprint.response(200, schemas.TaskSchema)
+    @blueprint.alt_response(
+        202,
+        schema=schemas.TaskSchema,
+        description="The task has completed calls to undo: it is compensating, and "
+        "becomes cancelled once they are undone.",
+    )
     @blueprint.alt_response(404, response="NOT_FOUND")
     @blueprint.alt_response(409, response="CONFLICT", description="task_terminal")
     def post(self, task_id: str) -> Response:
         """Cancel a task: any non-terminal task becomes cancelled at once.
 
-        Cancelling a cancelled task answers it again; a completed or failed one is a 409.
+        A task with completed calls to undo answers 202 compensating instead; no call
+        but the undos starts after it. Cancelling a cancelled or compensating task
+        answers it as it is; a completed or failed one is a 409.
         """
         with db.transaction() as conn:
             if not TASK_ID.match(task_id):
                 raise NotFound("No task with this id.")
             row = lifecycle.cancel(conn, task_id, current_tenant())
+            if row is not None and row["status"] == lifecycle.Status.COMPENSATING:
+                return task_response(row, 202)
             if row is None:
                 row = load_task(conn, task_id)
-                if row["status"] != lifecycle.Status.CANCELLED:
+                if row["status"] not in (
+                    lifecycle.Status.CANCELLED,
+                    lifecycle.Status.COMPENSATING,
+                ):
                     raise TaskTerminal(f"The task is already {row['status']}.")
         return task_response(row)
 

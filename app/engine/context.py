@@ -225,7 +225,8 @@ class StepContext:
         if refused is not None:
             self.refused = BudgetExhausted(*refused)  # sticky: an agent may not swallow it
             raise self.refused
-        logged_args = spec.summarize(args) if spec.summarize else args
+        # A call that may be undone keeps its full arguments: its undo receives them.
+        logged_args = spec.summarize(args) if spec.summarize and not spec.compensate else args
         with db.transaction() as conn:
             started = tool_calls.begin(
                 conn,
@@ -237,6 +238,7 @@ class StepContext:
                 args=tool_calls.storable(logged_args),
                 lease_token=self._lease.token,
                 args_hash=args_hash,
+                compensate=spec.compensate,
             )
             if started is None:
                 again = tool_calls.get(conn, self.task_id, self.step, index)

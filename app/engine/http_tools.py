@@ -1,4 +1,5 @@
-"""The built-in HTTP tools: ``http_get`` (research) and ``http_post`` (calls).
+"""The built-in HTTP tools: ``http_get`` (research) and ``http_post`` (calls), and the
+``DELETE`` that the ``calls`` agent's undos send (:func:`http_delete`).
 
 Both send the call's key as ``Idempotency-Key``. URLs an agent calls come from the
 task's own input, and the runtime contract puts no address limit on them (the `calls`
@@ -258,6 +259,40 @@ def http_post(
             if attempt < attempts:
                 time.sleep(POST_RETRY.delay(attempt))
     raise TransientToolError(f"POST {shown} failed {attempts} times: {problem}")
+
+
+def http_delete(
+    call: ToolCall, url: str, json: Any = None, timeout: float = POST_TIMEOUT_SECONDS
+) -> dict[str, Any]:
+    """DELETE ``url`` with ``json`` and ``Idempotency-Key: <the call's key>`` (an undo,
+    V2.md 10): retried like :func:`http_post` on 5xx answers and connection errors,
+    then :class:`TransientToolError`. Returns ``{"status", "body"}`` for any answer
+    below 500 (the caller decides what a 4xx means)."""
+    shown = redact_text(url)
+    try:
+        _guard(url)
+    except urlguard.UnsafeUrl as exc:
+        raise AgentError(f"http_delete refused {shown}: {exc}") from None
+    headers = {"User-Agent": USER_AGENT, "Idempotency-Key": call.key}
+    problem = ""
+    with _session() as session:
+        for attempt in range(1, POST_ATTEMPTS + 1):
+            call.check_cancelled()
+            try:
+                response = session.delete(
+                    url, json=json, headers=headers, timeout=timeout, allow_redirects=False
+                )
+            except urlguard.UnsafeUrl as exc:
+                raise AgentError(f"http_delete refused {shown}: {exc}") from None
+            except requests.RequestException as exc:
+                problem = redact_text(f"{type(exc).__name__}: {exc}")
+            else:
+                if response.status_code < 500:
+                    return {"status": response.status_code, "body": _body(response)}
+                problem = f"HTTP {response.status_code}"
+            if attempt < POST_ATTEMPTS:
+                time.sleep(POST_RETRY.delay(attempt))
+    raise TransientToolError(f"DELETE {shown} failed {POST_ATTEMPTS} times: {problem}")
 
 
 def _body(response: requests.Response) -> Any:

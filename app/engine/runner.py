@@ -40,7 +40,7 @@ from jsonschema.exceptions import SchemaError
 from sqlalchemy.engine import Connection, RowMapping
 
 from app import settings as settings_mod
-from app.engine import registry
+from app.engine import compensation, registry
 from app.engine.context import (
     BudgetExhausted,
     NondeterministicReplay,
@@ -101,7 +101,8 @@ def run_step(task_id: str, step: int, held_token: str | None = None) -> str:
     message), ``rerouted`` (this process lacks the task's agent version: the message
     went to that version's queue, nothing else changed), ``continued``, ``completed``,
     ``input_required``, ``sleeping``, ``retrying``, ``failed``, ``discarded`` (the
-    lease was lost before the commit).
+    lease was lost before the commit); for a ``compensating`` task, what
+    :func:`app.engine.compensation.run_undo_step` returns.
     """
     cfg = settings_mod.current()
     token = ids.new_token()
@@ -120,7 +121,12 @@ def run_step(task_id: str, step: int, held_token: str | None = None) -> str:
             state = _previous_state(conn, task_id, step) if task is not None else None
     except _NotRunnableHere as missing:
         return _leave_for_its_version(task_id, step, missing.agent, missing.version)
-    if task is None or plan is None:
+    if task is None:  # a compensating task's undos are steps too (V2.md 5)
+        try:
+            return compensation.run_undo_step(task_id, step, held_token)
+        except compensation.UndoOutage as outage:
+            raise OutageDuringStep(outage.token) from outage.__cause__
+    if plan is None:
         log.info("step %d of %s is not runnable by this message; dropped", step, task_id)
         return "skipped"
     # On every line of this step.

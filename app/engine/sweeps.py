@@ -7,10 +7,13 @@ running the same sweep) never process a row twice. Step messages they need are w
 to the outbox in the same transaction and published right after the commit.
 
 - ``reap``: expired leases (a lost worker) → attempt + 1 and a new step message, or
-  ``failed``/``worker_lost`` at ``OUTLAST_MAX_ATTEMPTS``;
+  ``failed``/``worker_lost`` at ``OUTLAST_MAX_ATTEMPTS`` (``compensating`` first when
+  calls are owed undos); a lost undo step of a ``compensating`` task is always sent
+  again (its undos' tries are bounded, not its attempts);
 - ``relay_outbox``: publish outbox rows whose fast-path publish did not happen;
-- ``wake_timers``: due durable timers and step-retry backoffs → a step message;
-- ``expire_deadlines``: tasks past ``timeout_seconds`` → ``failed``/``timeout``;
+- ``wake_timers``: due durable timers, step-retry and undo backoffs → a step message;
+- ``expire_deadlines``: tasks past ``timeout_seconds`` → ``failed``/``timeout`` (a
+  ``compensating`` task is not failed again: its undos run to the end);
 - ``redispatch_lost``: runnable tasks whose step message seems lost → a new message;
 - ``expire_keys``: forget Idempotency-Keys past their TTL;
 - ``purge_old_tasks``: delete acknowledged tasks ``OUTLAST_TASK_RETENTION_DAYS`` after
@@ -48,7 +51,7 @@ def reap_expired_leases(limit: int = BATCH) -> int:
             conn.execute(
                 sa.text(
                     "SELECT id FROM tasks WHERE lease_token IS NOT NULL "
-                    "AND lease_expires_at < now() AND status = 'working' "
+                    "AND lease_expires_at < now() AND status IN ('working', 'compensating') "
                     "ORDER BY lease_expires_at LIMIT :limit FOR UPDATE SKIP LOCKED"
                 ),
                 {"limit": limit},
@@ -85,7 +88,7 @@ def wake_due_timers(limit: int = BATCH) -> int:
         rows = conn.execute(
             sa.text(
                 "SELECT id FROM tasks WHERE wake_at IS NOT NULL AND wake_at <= now() "
-                "AND status IN ('pending', 'working') "
+                "AND status IN ('pending', 'working', 'compensating') "
                 "ORDER BY wake_at LIMIT :limit FOR UPDATE SKIP LOCKED"
             ),
             {"limit": limit},
@@ -174,9 +177,10 @@ def redispatch_lost_messages(limit: int = BATCH) -> int:
                 continue
             rows = conn.execute(
                 sa.text(
-                    "SELECT id, step FROM tasks t WHERE status IN ('pending', 'working') "
+                    "SELECT id, step FROM tasks t "
+                    "WHERE status IN ('pending', 'working', 'compensating') "
                     "AND agent = :agent AND agent_version = :version "
-                    "AND lease_token IS NULL AND wake_at IS NULL "
+                    "AND lease_token IS NULL AND wake_at IS NULL AND waiting_for IS NULL "
                     "AND (dispatched_at IS NULL "
                     "     OR dispatched_at < now() - make_interval(secs => :after)) "
                     "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.task_id = t.id) "
@@ -203,8 +207,8 @@ def _count_idle(conn: Connection) -> dict[tuple[str, str], int]:
     rows = conn.execute(
         sa.text(
             "SELECT agent, agent_version, count(*) AS n FROM tasks t "
-            "WHERE status IN ('pending', 'working') "
-            "AND lease_token IS NULL AND wake_at IS NULL "
+            "WHERE status IN ('pending', 'working', 'compensating') "
+            "AND lease_token IS NULL AND wake_at IS NULL AND waiting_for IS NULL "
             "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.task_id = t.id) "
             "GROUP BY agent, agent_version"
         )

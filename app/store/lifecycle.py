@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
 from app.store import budgets, db, deliveries, ids, outbox
+from app.store import compensation as undo_log
 from app.store.representation import TASK_COLUMNS, event_task_json
 
 NOTIFY_CHANNEL = "outlast_task"
@@ -58,6 +59,7 @@ class EventType(enum.StrEnum):
     FAILED = "task.failed"
     CANCELLED = "task.cancelled"
     MIGRATED = "task.migrated"  # V2.md 7: data.from_version, data.to_version
+    COMPENSATING = "task.compensating"  # V2.md 2: once per task, on entry to compensating
 
 
 # The terminal event of each terminal status: the last event a task ever gets.
@@ -434,7 +436,15 @@ def _fail(
     where_sql: str,
     params: Mapping[str, Any],
 ) -> RowMapping | None:
-    """``failed`` with ``{"type", "message"}``: the one way a task fails."""
+    """``failed`` with ``{"type", "message"}``: the one way a task fails. A task with
+    completed calls still to undo goes to ``compensating`` first (:func:`_enter_compensating`),
+    carrying the same ``error``."""
+    error = {"type": error_type, "message": message}
+    row = _enter_compensating(
+        conn, task_id, "failed", allowed=allowed, where_sql=where_sql, params=params, error=error
+    )
+    if row is not None:
+        return row
     row = _update(
         conn,
         task_id,
@@ -442,7 +452,7 @@ def _fail(
         "lease_token = NULL, lease_expires_at = NULL, wake_at = NULL, input_request = NULL",
         allowed=allowed,
         where_sql=where_sql,
-        params={**params, "error": json.dumps({"type": error_type, "message": message})},
+        params={**params, "error": json.dumps(error)},
     )
     if row is not None:
         append_event(conn, row, EventType.FAILED)
@@ -563,7 +573,14 @@ def request_budget_input(
 
 def cancel(conn: Connection, task_id: str, tenant_id: str) -> RowMapping | None:
     """Any active state → ``cancelled`` at once; the lease is dropped so that the
-    running step's checkpoint fails its fence and its late output is discarded."""
+    running step's checkpoint fails its fence and its late output is discarded. A task
+    with completed calls still to undo goes to ``compensating`` instead (V2.md 5: the
+    API answers ``202``); a compensating task is not matched (the caller answers it as
+    it is)."""
+    scope = {"where_sql": "AND tenant_id = :tenant_id", "params": {"tenant_id": tenant_id}}
+    row = _enter_compensating(conn, task_id, "cancelled", allowed=ACTIVE, **scope)
+    if row is not None:
+        return row
     row = _update(
         conn,
         task_id,
@@ -604,7 +621,7 @@ def wake(conn: Connection, task_id: str) -> RowMapping | None:
         conn.execute(
             sa.text(
                 "UPDATE tasks SET wake_at = NULL, dispatched_at = now(), updated_at = now() "
-                "WHERE id = :task_id AND status IN ('pending', 'working') "
+                "WHERE id = :task_id AND status IN ('pending', 'working', 'compensating') "
                 f"AND wake_at IS NOT NULL AND wake_at <= now() RETURNING {TASK_COLUMNS}"
             ),
             {"task_id": task_id},
@@ -625,6 +642,9 @@ def reclaim_expired_lease(
     released in the meantime.
     """
     lease_expired = "AND lease_token IS NOT NULL AND lease_expires_at < now()"
+    row = _reclaim_undo_lease(conn, task_id, lease_expired)
+    if row is not None:
+        return "retried", row
     row = _update(
         conn,
         task_id,
@@ -648,6 +668,136 @@ def reclaim_expired_lease(
     if row is not None:
         return "failed", row
     return None
+
+
+# --- compensation (V2.md sections 2 and 5) ----------------------------------------------------
+#
+# A task headed for failed or cancelled with completed calls still to undo (what is owed:
+# app.store.compensation) enters compensating instead; its undos run as steps of their
+# own (app.engine.compensation) under a lease like any step, and the last one moves it
+# to the terminal state it was headed for. compensating is in no other ``allowed`` set:
+# a cancel or a deadline during it changes nothing.
+
+
+def _enter_compensating(
+    conn: Connection,
+    task_id: str,
+    reason: str,
+    *,
+    allowed: frozenset[Status] | set[Status],
+    where_sql: str,
+    params: Mapping[str, Any],
+    error: Mapping[str, Any] | None = None,
+) -> RowMapping | None:
+    """``allowed`` → ``compensating`` with ``compensation = {"reason", "total", "done":
+    0, "failed": 0}`` (and the failure's ``error``), ``task.compensating``, and the
+    first undo step queued; ``None`` when nothing is owed (or the guard did not match)."""
+    row = _update(
+        conn,
+        task_id,
+        "status = 'compensating', error = CAST(:undo_error AS jsonb), "
+        "compensation = jsonb_build_object('reason', CAST(:undo_reason AS text), "
+        f"'total', ({undo_log.OWED_COUNT_SQL}), 'done', 0, 'failed', 0), "
+        "lease_token = NULL, lease_expires_at = NULL, wake_at = NULL, input_request = NULL, "
+        "dispatched_at = now()",
+        allowed=allowed,
+        where_sql=f"{where_sql} AND EXISTS ({undo_log.OWED_SQL})",
+        params={
+            **params,
+            "undo_reason": reason,
+            "undo_error": json.dumps(error) if error is not None else None,
+        },
+    )
+    if row is not None:
+        append_event(conn, row, EventType.COMPENSATING)
+        outbox.add_step(conn, task_id, row["step"])
+    return row
+
+
+def acquire_undo_lease(
+    conn: Connection,
+    task_id: str,
+    step: int,
+    token: str,
+    lease_seconds: float,
+    previous_token: str | None = None,
+) -> RowMapping | None:
+    """Take the lease of a ``compensating`` task for its next undos (no event): matches
+    only at this step, not waiting for a retry, and unleased (or still leased by
+    ``previous_token``, as :func:`acquire_lease`)."""
+    return _update(
+        conn,
+        task_id,
+        "lease_token = :token, lease_expires_at = now() + make_interval(secs => :lease)",
+        allowed={Status.COMPENSATING},
+        where_sql="AND step = :step AND (lease_token IS NULL OR lease_token = :previous) "
+        "AND wake_at IS NULL",
+        params={"step": step, "token": token, "lease": lease_seconds, "previous": previous_token},
+        events=0,
+    )
+
+
+def renew_undo_lease(conn: Connection, task_id: str, token: str, lease_seconds: float) -> bool:
+    """Extend the lease of a compensating task's undo step; ``False``: it is lost."""
+    result = conn.execute(
+        sa.text(
+            "UPDATE tasks SET lease_expires_at = now() + make_interval(secs => :lease) "
+            "WHERE id = :task_id AND lease_token = :token AND status = 'compensating'"
+        ),
+        {"task_id": task_id, "token": token, "lease": lease_seconds},
+    )
+    return result.rowcount == 1
+
+
+def retry_undo_later(
+    conn: Connection, task_id: str, token: str, delay_seconds: float
+) -> RowMapping | None:
+    """Release the undo lease and leave the next undo step to the timer sweep at
+    ``now + delay`` (an undo's backoff, or calls still in flight). No event."""
+    return _update(
+        conn,
+        task_id,
+        "lease_token = NULL, lease_expires_at = NULL, dispatched_at = NULL, "
+        "wake_at = now() + make_interval(secs => :delay)",
+        allowed={Status.COMPENSATING},
+        where_sql="AND lease_token = :token",
+        params={"token": token, "delay": delay_seconds},
+        events=0,
+    )
+
+
+def finish_compensation(conn: Connection, task_id: str, token: str) -> RowMapping | None:
+    """``compensating`` → ``failed`` or ``cancelled`` (its ``compensation.reason``) once
+    nothing is owed; ``compensation`` and a failure's ``error`` are kept. Fenced on
+    the undo lease."""
+    row = _update(
+        conn,
+        task_id,
+        "status = CASE WHEN compensation->>'reason' = 'failed' THEN 'failed'::task_status "
+        "ELSE 'cancelled'::task_status END, finished_at = now(), lease_token = NULL, "
+        "lease_expires_at = NULL, wake_at = NULL",
+        allowed={Status.COMPENSATING},
+        where_sql="AND lease_token = :token",
+        params={"token": token},
+    )
+    if row is not None:
+        terminal = EventType.FAILED if row["status"] == Status.FAILED else EventType.CANCELLED
+        append_event(conn, row, terminal)
+    return row
+
+
+def _reclaim_undo_lease(conn: Connection, task_id: str, lease_expired: str) -> RowMapping | None:
+    """The reaper, for a compensating task whose undo step's worker is lost: the lease
+    is cleared and the step queued again (``attempt + 1``, no event, no limit: the
+    undos' own tries are bounded, so a compensation always ends)."""
+    return _update(
+        conn,
+        task_id,
+        "attempt = attempt + 1, lease_token = NULL, lease_expires_at = NULL, dispatched_at = now()",
+        allowed={Status.COMPENSATING},
+        where_sql=lease_expired,
+        events=0,
+    )
 
 
 def get(conn: Connection, task_id: str, tenant_id: str | None = None) -> RowMapping | None:

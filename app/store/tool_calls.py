@@ -25,8 +25,11 @@ FAILED = "failed"
 
 _COLUMNS = (
     "task_id, step_index, call_index, name, idempotency_key, status, args, args_hash, output, "
-    "error, attempts, started_at, finished_at"
+    "error, attempts, started_at, finished_at, kind, compensate"
 )
+# ``kind`` (migration 0005): a call the agent made, or the undo of one (V2.md 5), logged
+# at the undone call's index (app.store.compensation).
+CALL = "call"
 
 
 def args_hash(name: str, args: Any) -> str:
@@ -68,15 +71,17 @@ def _clean_text(text: str) -> str:
     return text
 
 
-def get(conn: Connection, task_id: str, step: int, call_index: int) -> RowMapping | None:
-    """The log row of one call, or ``None`` when it was never started."""
+def get(
+    conn: Connection, task_id: str, step: int, call_index: int, kind: str = CALL
+) -> RowMapping | None:
+    """The log row of one call (or its undo), or ``None`` when it was never started."""
     return (
         conn.execute(
             sa.text(
-                f"SELECT {_COLUMNS} FROM tool_calls "
-                "WHERE task_id = :task_id AND step_index = :step AND call_index = :call"
+                f"SELECT {_COLUMNS} FROM tool_calls WHERE task_id = :task_id "
+                "AND step_index = :step AND call_index = :call AND kind = :kind"
             ),
-            {"task_id": task_id, "step": step, "call": call_index},
+            {"task_id": task_id, "step": step, "call": call_index, "kind": kind},
         )
         .mappings()
         .one_or_none()
@@ -94,19 +99,22 @@ def begin(
     args: Any,
     lease_token: str,
     args_hash: str | None = None,
+    compensate: str | None = None,
 ) -> RowMapping | None:
     """Record that the call is about to be made (``started``; ``attempts`` + 1 on a
     repeat). Fenced on the lease, checked here right before the call is made: ``None``
     when the task is no longer ``working`` under ``lease_token`` (cancelled, failed,
     reaped), the lease has expired (a worker paused past it, not yet reaped), the call
-    completed meanwhile, or it was logged with other arguments (``args_hash``)."""
+    completed meanwhile, or it was logged with other arguments (``args_hash``).
+    ``compensate``: the tool that undoes this one, as its tool declares it now (V2.md 5;
+    once the call completes, the task owes its undo)."""
     return (
         conn.execute(
             sa.text(
                 "INSERT INTO tool_calls (task_id, step_index, call_index, name, "
-                "idempotency_key, status, args, args_hash) "
+                "idempotency_key, status, args, args_hash, compensate) "
                 "SELECT t.id, :step, :call, :name, :key, 'started', CAST(:args AS jsonb), "
-                ":args_hash FROM tasks t WHERE t.id = :task_id AND t.lease_token = :token "
+                ":args_hash, :compensate FROM tasks t WHERE t.id = :task_id AND t.lease_token = :token "
                 "AND t.status = 'working' AND t.lease_expires_at > now() "
                 "ON CONFLICT (task_id, step_index, call_index, kind) DO UPDATE "
                 "SET status = 'started', attempts = tool_calls.attempts + 1, error = NULL, "
@@ -125,6 +133,7 @@ def begin(
                 "args": json.dumps(args),
                 "token": lease_token,
                 "args_hash": args_hash,
+                "compensate": compensate,
             },
         )
         .mappings()
@@ -133,7 +142,7 @@ def begin(
 
 
 def complete(
-    conn: Connection, task_id: str, step: int, call_index: int, output: Any
+    conn: Connection, task_id: str, step: int, call_index: int, output: Any, kind: str = CALL
 ) -> dict[str, int] | None:
     """Store the call's output and count the call in ``tasks.usage`` (V2.md section 1)
     in the same statement; returns the task's usage after it.
@@ -153,7 +162,7 @@ def complete(
             "UPDATE tool_calls SET status = 'completed', output = CAST(:output AS jsonb), "
             "error = NULL, finished_at = now() "
             "WHERE task_id = :task_id AND step_index = :step AND call_index = :call "
-            "AND status <> 'completed' RETURNING name) "
+            "AND kind = :kind AND status <> 'completed' RETURNING name) "
             "UPDATE tasks SET usage = jsonb_build_object("
             f"'model_calls', {_used('model_calls')} + CASE WHEN {is_model} THEN 1 ELSE 0 END, "
             f"'tool_calls', {_used('tool_calls')} + CASE WHEN {is_model} THEN 0 ELSE 1 END, "
@@ -172,6 +181,7 @@ def complete(
             "step": step,
             "call": call_index,
             "output": json.dumps(output),
+            "kind": kind,
             "input_tokens": as_model_call["input_tokens"],
             "output_tokens": as_model_call["output_tokens"],
         },
@@ -189,19 +199,20 @@ def fail(conn: Connection, task_id: str, step: int, call_index: int, error: dict
             "UPDATE tool_calls SET status = 'failed', error = CAST(:error AS jsonb), "
             "finished_at = now() "
             "WHERE task_id = :task_id AND step_index = :step AND call_index = :call "
-            "AND status <> 'completed'"
+            "AND kind = 'call' AND status <> 'completed'"
         ),
         {"task_id": task_id, "step": step, "call": call_index, "error": json.dumps(error)},
     )
 
 
 def for_task(conn: Connection, task_id: str) -> list[RowMapping]:
-    """Every logged call of a task, in order (``GET /v1/tasks/{id}/steps``)."""
+    """Every logged call of a task, in order, an undo right after the call it undoes
+    (``GET /v1/tasks/{id}/steps``)."""
     return list(
         conn.execute(
             sa.text(
                 f"SELECT {_COLUMNS} FROM tool_calls WHERE task_id = :task_id "
-                "ORDER BY step_index, call_index"
+                "ORDER BY step_index, call_index, kind"
             ),
             {"task_id": task_id},
         ).mappings()

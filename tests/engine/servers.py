@@ -65,7 +65,7 @@ class LocalServer:
                 self.end_headers()
                 self.wfile.write(payload)
 
-            do_GET = do_POST = _handle
+            do_GET = do_POST = do_DELETE = _handle
 
             def log_message(self, *args: object) -> None:
                 pass

@@ -35,6 +35,7 @@ class Request:
     body: Any
     arrived: float  # time.monotonic()
     client_port: int = 0  # the caller's TCP port: tells which process made the call
+    method: str = "POST"  # DELETE: the calls agent's undo (V2.md 10)
     answered: float | None = None  # None while the handler holds it (in flight)
     status: int | None = None
 
@@ -105,7 +106,9 @@ class Ledger:
                 except ValueError:
                     body = raw.decode(errors="replace")
                 headers = {k.lower(): v for k, v in self.headers.items()}
-                request, rule = ledger._arrive(self.path, headers, body, self.client_address[1])
+                request, rule = ledger._arrive(
+                    self.path, headers, body, self.client_address[1], self.command
+                )
                 if rule is not None and rule.delay:
                     ledger._closing.wait(rule.delay)
                 status = rule.status if rule is not None else 200
@@ -119,6 +122,8 @@ class Ledger:
                 except OSError:
                     pass  # the caller was killed while we held its request
                 ledger._answer(request, status)
+
+            do_DELETE = do_POST  # noqa: N815 (the undos of the calls agent)
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
@@ -182,11 +187,17 @@ class Ledger:
     # --- the server's side ------------------------------------------------------------------
 
     def _arrive(
-        self, path: str, headers: dict[str, str], body: Any, client_port: int
+        self, path: str, headers: dict[str, str], body: Any, client_port: int, method: str
     ) -> tuple[Request, Rule | None]:
         with self._changed:
             request = Request(
-                len(self.requests), path, headers, body, time.monotonic(), client_port
+                len(self.requests),
+                path,
+                headers,
+                body,
+                time.monotonic(),
+                client_port,
+                method=method,
             )
             self.requests.append(request)
             rule = next((r for r in self.rules if r.take(request)), None)

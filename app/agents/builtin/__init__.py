@@ -1,5 +1,6 @@
 """The built-in agents of spec/RUNTIME.md (echo, calls, approval, research, sleepy) and
-V2.md (assistant), and the built-in tools they use (``http_get``, ``http_post``, ``llm``).
+V2.md (assistant), and the built-in tools they use (``http_get``, ``http_post``, ``llm``, and ``calls_undo``, the compensation of
+the ``calls`` agent's POSTs).
 
 The registry collects the agent and tool objects named here (this package is also the
 ``builtin`` entry point of the ``outlast.agents`` group).
@@ -8,7 +9,7 @@ The registry collects the agent and tool objects named here (this package is als
 from app.agents.builtin.approval import approval
 from app.agents.builtin.assistant import assistant
 from app.agents.builtin.assistant import check_input as check_assistant_input
-from app.agents.builtin.calls import calls
+from app.agents.builtin.calls import calls, calls_undo
 from app.agents.builtin.echo import echo
 from app.agents.builtin.research import research
 from app.agents.builtin.sleepy import sleepy
@@ -23,6 +24,7 @@ __all__ = [
     "assistant",
     "approval",
     "calls",
+    "calls_undo",
     "echo",
     "research",
     "sleepy",
