@@ -37,10 +37,12 @@ TERMINAL = frozenset({"completed", "failed", "cancelled"})
 # Observable moves (transitive closure of API.md's state machine, so that a poll that
 # missed the state in between is not a violation). Staying put is always fine.
 ALLOWED: dict[str, frozenset[str]] = {
-    "pending": frozenset({"working", "input_required"} | TERMINAL),
-    "working": frozenset({"input_required"} | TERMINAL),
+    "pending": frozenset({"working", "input_required", "compensating"} | TERMINAL),
+    "working": frozenset({"input_required", "compensating"} | TERMINAL),
     # POST /input answers "status pending or working".
-    "input_required": frozenset({"pending", "working"} | TERMINAL),
+    "input_required": frozenset({"pending", "working", "compensating"} | TERMINAL),
+    # V2.md 2: undoing completed calls, on the way to failed or cancelled only.
+    "compensating": frozenset({"failed", "cancelled"}),
     "completed": frozenset(),
     "failed": frozenset(),
     "cancelled": frozenset(),
