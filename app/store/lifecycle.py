@@ -42,6 +42,9 @@ class Status(enum.StrEnum):
 
 
 TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
+# What a failure or a cancel may still change. COMPENSATING is neither terminal nor
+# here: a task undoing its calls only leaves for the state it was headed to
+# (finish_compensation), whatever a cancel, a deadline or the reaper says meanwhile.
 ACTIVE = frozenset({Status.PENDING, Status.WORKING, Status.INPUT_REQUIRED})
 
 

@@ -311,6 +311,7 @@ def test_steps_are_the_checkpoint_log_oldest_first_with_tool_calls(client, auth)
         "name": "http_get",
         "idempotency_key": f"key-{task['id']}-0-0",
         "status": "completed",
+        "kind": "call",  # V2.md 5: an undo is "compensation"
     }
     assert steps[1]["tool_calls"] == []
 

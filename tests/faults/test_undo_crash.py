@@ -2,11 +2,12 @@
 another worker with the same key; each undo lands once.
 
 A ``calls`` task with ``compensate`` fails at its third call, so its first two calls
-are owed undos (``DELETE`` of the ledger's URL, ``Idempotency-Key: <key>-undo``). The
-ledger holds the first undo (call 2's) open, and the worker making it is SIGKILLed
-with its whole process group. The reaper clears the lost lease and the other worker
-makes that undo again with the same key, then the next one; the task ends ``failed``
-with both undone and its original error, and the status watcher sees no regression.
+are owed undos (``DELETE`` of the ledger's URL, ``Idempotency-Key: <key>-undo``),
+call 2's first. The ledger holds the second undo (call 1's) open, and the worker making
+it is SIGKILLed with its whole process group. The reaper clears the lost lease and the
+other worker makes that undo again with the same key, without repeating call 2's
+completed undo; the task ends ``failed`` with both undone and its original error, and
+the status watcher sees no regression.
 """
 
 from __future__ import annotations
@@ -48,22 +49,22 @@ def test_sigkilled_worker_while_undoing_another_worker_finishes_the_undo_with_th
     procs.start("web", "beat", "worker", "worker")
     api = Client(stack.base_url, tenant.api_key)
     watcher.start(database_url, stack.base_url, tenant.api_key)
-    ledger.add_rule(lambda r: r.method == "DELETE" and r.step == 1, delay=HOLD, times=1)
+    ledger.add_rule(lambda r: r.method == "DELETE" and r.step == 0, delay=HOLD, times=1)
     task = api.create(
         "calls",
         {"url": ledger.url + "/calls", "calls": 3, "compensate": True, "fail_at_call": 3},
     )
     watcher.track(task["id"])
 
-    # When the worker making the first undo (call 2's) is SIGKILLed while it is held open
-    held = ledger.wait_for(_undo_of(task["id"], 1), timeout=30, what="the first undo")
+    # When the worker making the second undo (call 1's) is SIGKILLed while it is held open
+    held = ledger.wait_for(_undo_of(task["id"], 0), timeout=30, what="the second undo")
     assert held.answered is None
     compensating = api.get(task["id"])
     assert compensating["status"] == "compensating"
     assert compensating["compensation"] == {
         "reason": "failed",
         "total": 2,
-        "done": 0,
+        "done": 1,
         "failed": 0,
     }
     killed_at = procs.kill(procs.holder_of(held))
@@ -71,7 +72,7 @@ def test_sigkilled_worker_while_undoing_another_worker_finishes_the_undo_with_th
     # Then the other worker makes that undo again, with the same key, within lease +
     # reaper interval
     again = ledger.wait_for(
-        _undo_of(task["id"], 1, after=held.seq), timeout=30, what="the undo made again"
+        _undo_of(task["id"], 0, after=held.seq), timeout=30, what="the undo made again"
     )
     recovery = again.arrived - killed_at
     print(f"FIGURE undo_kill_recovery_seconds={recovery:.2f}")
@@ -90,13 +91,14 @@ def test_sigkilled_worker_while_undoing_another_worker_finishes_the_undo_with_th
     posts = {r.step: r.key for r in calls if r.method == "POST"}
     assert sorted(posts) == [0, 1]
     deletes = [r for r in calls if r.method == "DELETE"]
-    # call 2's undo twice (killed, then finished) with one key, then call 1's once
+    # call 2's undo once (completed before the kill: not repeated), then call 1's twice
+    # (killed, then finished) with one key
     assert [(r.step, r.key) for r in deletes] == [
         (1, posts[1] + "-undo"),
-        (1, posts[1] + "-undo"),
+        (0, posts[0] + "-undo"),
         (0, posts[0] + "-undo"),
     ]
-    assert held.key == posts[1] + "-undo"
+    assert held.key == posts[0] + "-undo"
     # each undo landed once: one success per key (the killed worker's request got none)
     answered_ok = [r.key for r in deletes if r.status == 200]
     assert sorted(answered_ok) == sorted([posts[1] + "-undo", posts[0] + "-undo"])
@@ -108,8 +110,8 @@ def test_sigkilled_worker_while_undoing_another_worker_finishes_the_undo_with_th
         t=task["id"],
     )
     assert [dict(r) for r in rows] == [
-        {"step_index": 0, "status": "completed", "attempts": 1, "idempotency_key": deletes[2].key},
-        {"step_index": 1, "status": "completed", "attempts": 2, "idempotency_key": held.key},
+        {"step_index": 0, "status": "completed", "attempts": 2, "idempotency_key": held.key},
+        {"step_index": 1, "status": "completed", "attempts": 1, "idempotency_key": deletes[0].key},
     ]
     events = [e["type"] for e in api.events(task["id"])]
     assert events.count("task.compensating") == 1 and events[-1] == "task.failed"
