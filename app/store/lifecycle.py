@@ -702,7 +702,7 @@ def _enter_compensating(
         "compensation = jsonb_build_object('reason', CAST(:undo_reason AS text), "
         f"'total', ({undo_log.OWED_COUNT_SQL}), 'done', 0, 'failed', 0), "
         "lease_token = NULL, lease_expires_at = NULL, wake_at = NULL, input_request = NULL, "
-        "dispatched_at = now()",
+        "waiting_for = NULL, dispatched_at = now()",
         allowed=allowed,
         where_sql=f"{where_sql} AND EXISTS ({undo_log.OWED_SQL})",
         params={
