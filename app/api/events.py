@@ -192,6 +192,10 @@ def _stream(task_id: str, after: int, slot: limits.WaiterSlot, max_seconds: floa
                         status = None
                         if not page.events:
                             status = conn.execute(queries.TASK_STATUS, {"id": task_id}).scalar()
+                            if status in TERMINAL:
+                                # The terminal commit may have landed between the two
+                                # reads: its events came with it, so read once more.
+                                page = read_page(conn, task_id, last, MAX_PAGE_EVENTS)
                     for event, encoded in zip(page.events, page.encoded, strict=True):
                         yield sse_block(event, encoded)
                         quiet_since = time.monotonic()
