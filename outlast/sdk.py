@@ -17,7 +17,10 @@ next:
   ``POST /input``; the next step sees the answer as ``ctx.human_input``;
 - :class:`SleepUntil` (``ctx.sleep(seconds, state)``): checkpoint, then run the next step
   at a wall-clock time (a durable timer; no worker waits);
-- :class:`Fail` (``ctx.fail(message, type=...)``): fail the task with that error.
+- :class:`Fail` (``ctx.fail(message, type=...)``): fail the task with that error;
+- :class:`WaitForChildren` (``ctx.wait_for(ids, mode, state)``): checkpoint, then run the
+  next step once all (or any one) of the child tasks ``ids`` (from ``ctx.spawn``) are
+  terminal; no worker waits.
 """
 
 from __future__ import annotations
@@ -71,7 +74,17 @@ class Fail:
     type: str = "agent_error"
 
 
-Outcome = Continue | Done | WaitForInput | SleepUntil | Fail
+@dataclasses.dataclass(frozen=True)
+class WaitForChildren:
+    """Checkpoint ``state`` and run the next step once ``mode`` (``"all"`` or ``"any"``)
+    of the child tasks ``ids`` are terminal (V2.md section 6); no worker waits."""
+
+    ids: tuple[str, ...]
+    mode: str = "all"
+    state: Any = None
+
+
+Outcome = Continue | Done | WaitForInput | SleepUntil | Fail | WaitForChildren
 
 
 # --- errors -----------------------------------------------------------------------------
@@ -88,6 +101,16 @@ class TransientToolError(RetryableError):
 
 class AgentError(Exception):
     """A deliberate agent failure: the task fails with ``agent_error`` and this message."""
+
+
+class SpawnRefused(AgentError):
+    """``ctx.spawn`` could not create the child: its agent is unknown or refuses the
+    input. ``errors`` is what ``POST /v1/tasks`` would answer in a ``422``
+    (``{"input.message": [...]}``). Uncaught, the task fails with ``agent_error``."""
+
+    def __init__(self, message: str, errors: Mapping[str, Sequence[str]] | None = None):
+        super().__init__(message)
+        self.errors = dict(errors or {})
 
 
 class Cancelled(Exception):
@@ -150,6 +173,20 @@ class Context(Protocol):
     def sleep_until(self, when: datetime, state: Any = None) -> SleepUntil: ...
 
     def fail(self, message: str, type: str = "agent_error") -> Fail: ...
+
+    def spawn(
+        self, agent: str, input: Mapping[str, Any], metadata: Mapping[str, Any] | None = None
+    ) -> str:
+        """Create a child task of the same tenant now and return its id; a re-run of
+        the step gets the same id back (no second child). Raises :class:`SpawnRefused`."""
+
+    def wait_for(
+        self, ids: Sequence[str], mode: str = "all", state: Any = None
+    ) -> WaitForChildren: ...
+
+    def children(self, ids: Sequence[str] | None = None) -> list[dict[str, Any] | None]:
+        """The children's current task representations (all of this task's children,
+        in spawn order, when ``ids`` is ``None``)."""
 
 
 # --- agents -----------------------------------------------------------------------------

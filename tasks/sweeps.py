@@ -24,6 +24,10 @@ DID = {
     "reap": ("reaped %d expired lease", "reaped %d expired leases"),
     "relay_outbox": ("relayed %d outbox message", "relayed %d outbox messages"),
     "wake_timers": ("woke %d task whose timer was due", "woke %d tasks whose timers were due"),
+    "wake_parents": (
+        "woke %d task whose children were done",
+        "woke %d tasks whose children were done",
+    ),
     "expire_deadlines": ("failed %d task past its deadline", "failed %d tasks past their deadline"),
     "redispatch_lost": (
         "re-sent %d step message that seemed lost",
@@ -67,6 +71,12 @@ def relay_outbox() -> int:
 def wake_timers() -> int:
     """Beat: wake due timers."""
     return _sweep("wake_timers", sweeps.wake_due_timers)
+
+
+@shared_task(name=messages.SWEEP_WAKE_PARENTS, ignore_result=True)
+def wake_parents() -> int:
+    """Beat: the backstop of child tasks' wake-ups."""
+    return _sweep("wake_parents", sweeps.wake_waiting_parents)
 
 
 @shared_task(name=messages.SWEEP_EXPIRE_DEADLINES, ignore_result=True)

@@ -22,6 +22,7 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         "reap-expired-leases": ("outlast.sweep.reap", reap),
         "relay-outbox": ("outlast.sweep.relay_outbox", min(reap, 2.0)),
         "wake-timers": ("outlast.sweep.wake_timers", min(reap, 1.0)),
+        "wake-parents": ("outlast.sweep.wake_parents", reap),
         "expire-deadlines": ("outlast.sweep.expire_deadlines", reap),
         "redispatch-lost": ("outlast.sweep.redispatch_lost", reap),
         "webhook-retries": ("outlast.sweep.webhooks", settings.webhook_sweep_seconds),

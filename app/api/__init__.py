@@ -18,6 +18,7 @@ from app.settings import Settings
 
 V1_BLUEPRINTS = (
     "app.api.tasks",
+    "app.api.children",
     "app.api.events",
     "app.api.deliveries",
     "app.api.usage",

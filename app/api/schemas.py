@@ -140,17 +140,12 @@ class CreateTaskRequest(Schema):
 
     @validates_schema(skip_on_field_errors=True)
     def _input_matches_agent_schema(self, data: dict[str, Any], **_: Any) -> None:
-        from app.engine.registry import get_agent, validate_input
+        from app.engine.registry import check_input, get_agent
 
         agent = get_agent(data["agent"])
         if agent is None:  # unregistered between the two checks
             raise ValidationError(f"Unknown agent {data['agent']!r}.", "agent")
-        errors = validate_input(agent, data["input"])
-        if not errors:
-            from app.agents.builtin import INPUT_CHECKS
-
-            check = INPUT_CHECKS.get(agent.name)
-            errors = check(data["input"]) if check is not None else {}
+        errors = check_input(agent, data["input"])
         if errors:
             # Already dotted ("input.message"); flattened as they are.
             raise ValidationError(errors)
@@ -195,6 +190,14 @@ class ListTasksQuery(Schema):
             "/v1/tasks/{id}/ack); true: acknowledged tasks. Absent: every task."
         },
     )
+    limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
+    cursor = fields.String(
+        validate=validate.Length(min=1, max=512),
+        metadata={"description": "next_cursor of the previous page (opaque)."},
+    )
+
+
+class ListChildrenQuery(Schema):
     limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
     cursor = fields.String(
         validate=validate.Length(min=1, max=512),
@@ -328,6 +331,11 @@ class TaskSchema(Schema):
             "description": "null when nothing was to be undone; else set on entry to "
             "compensating and kept on the terminal task."
         },
+    )
+    parent_id = fields.String(
+        required=True,
+        allow_none=True,
+        metadata={"description": "The task that spawned this one (ctx.spawn), else null."},
     )
 
 

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from app.engine import children as child_tasks
 from app.engine.tools import call_key, get_tool
 from app.ops import metrics
 from app.store import budgets, db, tool_calls
@@ -32,6 +33,7 @@ from outlast.sdk import (
     Tool,
     ToolCall,
     TransientToolError,
+    WaitForChildren,
     WaitForInput,
 )
 
@@ -81,6 +83,7 @@ class StepContext:
         self.human_input = human_input
         self._lease = lease
         self._calls = 0
+        self._spawns = 0  # ctx.spawn calls so far: the index in the child's spawn_key
         # The task's recorded usage (kept current from each completed call's row) and
         # budget (it changes only while the task waits for input): checked before calls.
         self.usage: dict[str, Any] = dict(usage or budgets.EMPTY_USAGE)
@@ -131,6 +134,45 @@ class StepContext:
         progress = {"current": current, "total": total, "message": message}
         if not self._lease.report_progress(progress):
             raise Cancelled("the task is no longer running this step")
+
+    # --- child tasks (V2.md section 6) ---------------------------------------------------
+
+    def spawn(
+        self, agent: str, input: Mapping[str, Any], metadata: Mapping[str, Any] | None = None
+    ) -> str:
+        """Create a child task of the same tenant running ``agent`` on ``input`` and
+        return its id. The child exists (and starts) once this returns; a re-run of this
+        step gets the same id back for the same call, with no second child. Raises
+        :class:`~outlast.SpawnRefused` when the agent is unknown or refuses the input
+        (uncaught: ``agent_error``), :class:`Cancelled` once the task is cancelled."""
+        index = self._spawns
+        self._spawns += 1
+        self.check_cancelled()
+        try:
+            return child_tasks.spawn(
+                parent_id=self.task_id,
+                step=self.step,
+                index=index,
+                token=self._lease.token,
+                agent_name=agent,
+                input=input,
+                metadata=metadata,
+            )
+        except child_tasks.SpawnMismatch as exc:
+            self.nondeterministic = str(exc)
+            raise NondeterministicReplay(self.nondeterministic) from None
+
+    def wait_for(self, ids: Sequence[str], mode: str = "all", state: Any = None) -> WaitForChildren:
+        """Return this to end the step and run the next one (with ``state``) once all
+        (``mode="all"``) or any one (``"any"``) of the children ``ids`` are terminal.
+        The task stays ``working`` and holds no worker meanwhile."""
+        return WaitForChildren(tuple(ids) if not isinstance(ids, str) else ids, mode, state)
+
+    def children(self, ids: Sequence[str] | None = None) -> list[dict[str, Any] | None]:
+        """The current task representations (as ``GET /v1/tasks/{id}``) of this task's
+        children ``ids``, in that order; every child in spawn order when ``ids`` is
+        ``None``. A child deleted meanwhile is ``None``."""
+        return child_tasks.children(self.task_id, ids)
 
     # --- cancellation -------------------------------------------------------------------
 

@@ -207,3 +207,17 @@ def validate_input(agent: Agent, input: Any) -> dict[str, list[str]]:
     """Check ``input`` against the agent's schema: ``{"input.<path>": [messages]}``,
     empty when valid (the API answers ``422`` with these as ``errors``)."""
     return schema_errors(agent.input_schema, input)
+
+
+def check_input(agent: Agent, input: Any) -> dict[str, list[str]]:
+    """Everything that decides whether ``agent`` accepts ``input``: its schema, then
+    the built-ins' checks beyond a schema (``INPUT_CHECKS`` of the built-in package,
+    looked up by name, as the registry finds the package). Used by ``POST /v1/tasks``
+    and by ``ctx.spawn``, so a child is refused exactly as a submission would be."""
+    errors = validate_input(agent, input)
+    if errors:
+        return errors
+    load()
+    checks = getattr(importlib.import_module(BUILTIN_MODULE), "INPUT_CHECKS", {})
+    check = checks.get(agent.name)
+    return check(input) if check is not None else {}

@@ -40,7 +40,7 @@ from jsonschema.exceptions import SchemaError
 from sqlalchemy.engine import Connection, RowMapping
 
 from app import settings as settings_mod
-from app.engine import compensation, registry
+from app.engine import children, compensation, registry
 from app.engine.context import (
     BudgetExhausted,
     NondeterministicReplay,
@@ -51,7 +51,7 @@ from app.engine.lease import LeaseKeeper
 from app.ops import logs
 from app.store import budgets, db, db_errors, ids, lifecycle, outbox
 from outlast.backoff import Backoff
-from outlast.sdk import Cancelled, Continue, Done, Fail, SleepUntil, WaitForInput
+from outlast.sdk import Cancelled, Continue, Done, Fail, SleepUntil, WaitForChildren, WaitForInput
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,8 @@ def run_step(task_id: str, step: int, held_token: str | None = None) -> str:
     message), ``rerouted`` (this process lacks the task's agent version: the message
     went to that version's queue, nothing else changed), ``continued``, ``completed``,
     ``input_required``, ``sleeping``, ``retrying``, ``failed``, ``discarded`` (the
-    lease was lost before the commit); for a ``compensating`` task, what
-    :func:`app.engine.compensation.run_undo_step` returns.
+    lease was lost before the commit), ``waiting`` (for child tasks); for a
+    ``compensating`` task, what :func:`app.engine.compensation.run_undo_step` returns.
     """
     cfg = settings_mod.current()
     token = ids.new_token()
@@ -391,10 +391,16 @@ def _commit(
         return _finish_failed(task_id, token, "invalid_output", problem)
     if isinstance(outcome, Fail):
         return _finish_failed(task_id, token, outcome.type or "agent_error", outcome.message)
+    if isinstance(outcome, WaitForChildren):  # V2.md 6: the ids must be this task's children
+        problem = children.wait_problem(task_id, outcome)
+        if problem is not None:
+            return _finish_failed(task_id, token, "invalid_output", problem)
 
     def work() -> str:
         with db.transaction() as conn:
             common = {"started_at": started_at, "attempt": attempt}
+            if isinstance(outcome, WaitForChildren):
+                return children.commit_wait(conn, task_id, step, token, outcome, **common)
             if isinstance(outcome, Continue):
                 row = lifecycle.commit_step(
                     conn, task_id, step, token, state=outcome.state, **common
@@ -440,16 +446,18 @@ def _commit(
 
 def _outcome_problem(outcome: Any) -> str | None:
     """Why ``outcome`` cannot be committed (``invalid_output``), or ``None``."""
-    if not isinstance(outcome, Continue | Done | WaitForInput | SleepUntil | Fail):
+    if not isinstance(
+        outcome, Continue | Done | WaitForInput | SleepUntil | Fail | WaitForChildren
+    ):
         return (
             f"the step returned {type(outcome).__name__}; return ctx.next(), ctx.done(), "
-            "ctx.ask(), ctx.sleep() or ctx.fail()"
+            "ctx.ask(), ctx.sleep(), ctx.wait_for() or ctx.fail()"
         )
     if isinstance(outcome, Done):
         if outcome.result is None:
             return "the result of ctx.done() must not be None"
         return _check_json(outcome.result, "result")
-    if isinstance(outcome, Continue | WaitForInput | SleepUntil):
+    if isinstance(outcome, Continue | WaitForInput | SleepUntil | WaitForChildren):
         problem = _check_json(outcome.state, "state")
         if problem:
             return problem

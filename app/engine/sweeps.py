@@ -14,7 +14,10 @@ to the outbox in the same transaction and published right after the commit.
 - ``wake_timers``: due durable timers, step-retry and undo backoffs → a step message;
 - ``expire_deadlines``: tasks past ``timeout_seconds`` → ``failed``/``timeout`` (a
   ``compensating`` task is not failed again: its undos run to the end);
-- ``redispatch_lost``: runnable tasks whose step message seems lost → a new message;
+- ``redispatch_lost``: runnable tasks whose step message seems lost → a new message
+  (a parent waiting for its children has no step queued and is not counted);
+- ``wake_parents``: parents waiting for children whose condition holds → their next
+  step (the backstop of the wake-up in the child's terminal transaction);
 - ``expire_keys``: forget Idempotency-Keys past their TTL;
 - ``purge_old_tasks``: delete acknowledged tasks ``OUTLAST_TASK_RETENTION_DAYS`` after
   their acknowledgement (and unacknowledged ones per ``OUTLAST_UNACKED_RETENTION_DAYS``),
@@ -32,7 +35,7 @@ from sqlalchemy.engine import Connection
 
 from app import settings as settings_mod
 from app.ops import metrics
-from app.store import db, db_errors, lifecycle, messages, outbox, retention
+from app.store import children, db, db_errors, lifecycle, messages, outbox, retention
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +101,18 @@ def wake_due_timers(limit: int = BATCH) -> int:
             if woken is not None:
                 outbox.add_step(conn, task_id, woken["step"])
     return len(rows)
+
+
+# --- parents waiting for children ----------------------------------------------------------
+
+
+def wake_waiting_parents(limit: int = BATCH) -> int:
+    """Queue the next step of every parent whose ``ctx.wait_for`` condition holds but
+    which is still waiting: its child's terminal transaction could not wake it (the
+    parent row was busy and the process died before the retry after its commit). Each
+    wake is guarded, so a wake-up that raced this sweep happens once. Returns how many
+    were woken."""
+    return sum(children.wake_if_ready(parent_id) for parent_id in children.ready_parents(limit))
 
 
 # --- deadlines --------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
-from app.store import budgets, db, deliveries, ids, outbox
+from app.store import budgets, children, db, deliveries, ids, outbox
 from app.store import compensation as undo_log
 from app.store.representation import TASK_COLUMNS, event_task_json
 
@@ -148,6 +148,10 @@ def append_event(
         delivery = deliveries.insert(conn, task, event_id, task["last_seq"], event_type)
         # Sent right after the commit; the beat's webhook sweep covers a lost message.
         outbox.add_delivery(conn, delivery["id"])
+    if event_type in TERMINAL_EVENTS and task.get("parent_id"):
+        # Every terminal transition writes its event here: the parent waiting for this
+        # child is woken in the same transaction (V2.md 6; app.store.children).
+        children.on_child_terminal(conn, task["parent_id"])
     db.after_commit(conn, _announce, event_type, task)
     return event
 
@@ -188,20 +192,23 @@ def create(
     task_id: str | None = None,
     budget: Mapping[str, Any] | None = None,
     agent_version: str = "1",
+    parent_id: str | None = None,
+    spawn_key: str | None = None,
 ) -> RowMapping:
     """Insert a ``pending`` task pinned to ``agent_version`` and its ``task.created``
-    event (seq 1)."""
+    event (seq 1); a child task (V2.md 6) has its parent's id and spawn call's key."""
     row = (
         conn.execute(
             sa.text(
                 "INSERT INTO tasks (id, tenant_id, agent, agent_version, status, input, "
                 "metadata, webhook_url, timeout_seconds, deadline_at, idempotency_key, "
-                "last_seq, dispatched_at, budget) "
+                "last_seq, dispatched_at, budget, parent_id, spawn_key) "
                 "VALUES (:id, :tenant_id, :agent, :agent_version, 'pending', CAST(:input AS jsonb), "
                 "CAST(:metadata AS jsonb), :webhook_url, :timeout, "
                 "CASE WHEN CAST(:timeout AS integer) IS NULL THEN NULL "
                 "ELSE now() + make_interval(secs => CAST(:timeout AS integer)) END, "
-                f":idem, 1, now(), CAST(:budget AS jsonb)) RETURNING {TASK_COLUMNS}"
+                f":idem, 1, now(), CAST(:budget AS jsonb), :parent_id, :spawn_key) "
+                f"RETURNING {TASK_COLUMNS}"
             ),
             {
                 "id": task_id or ids.new_id("tsk"),
@@ -214,6 +221,8 @@ def create(
                 "timeout": timeout_seconds,
                 "idem": idempotency_key,
                 "budget": json.dumps(budget) if budget is not None else None,
+                "parent_id": parent_id,
+                "spawn_key": spawn_key,
             },
         )
         .mappings()
@@ -253,6 +262,8 @@ def acquire_lease(
                 "last_seq = last_seq + CASE WHEN status = 'pending' THEN 1 ELSE 0 END "
                 "WHERE id = :task_id AND step = :step AND status IN ('pending', 'working') "
                 "AND (lease_token IS NULL OR lease_token = :previous) AND wake_at IS NULL "
+                # A parent waiting for its children runs nothing until they wake it.
+                "AND waiting_for IS NULL "
                 f"RETURNING {TASK_COLUMNS}, (started_at = now() AND step = 0) AS just_started"
             ),
             {
@@ -579,10 +590,14 @@ def cancel(conn: Connection, task_id: str, tenant_id: str) -> RowMapping | None:
     running step's checkpoint fails its fence and its late output is discarded. A task
     with completed calls still to undo goes to ``compensating`` instead (V2.md 5: the
     API answers ``202``); a compensating task is not matched (the caller answers it as
-    it is)."""
+    it is).
+
+    Either way the task's non-terminal children are cancelled too, each through this
+    same transition (so, recursively, theirs), in the same transaction (V2.md 6)."""
     scope = {"where_sql": "AND tenant_id = :tenant_id", "params": {"tenant_id": tenant_id}}
     row = _enter_compensating(conn, task_id, "cancelled", allowed=ACTIVE, **scope)
     if row is not None:
+        _cancel_children(conn, task_id, tenant_id)
         return row
     row = _update(
         conn,
@@ -595,7 +610,17 @@ def cancel(conn: Connection, task_id: str, tenant_id: str) -> RowMapping | None:
     )
     if row is not None:
         append_event(conn, row, EventType.CANCELLED)
+        _cancel_children(conn, task_id, tenant_id)
     return row
+
+
+def _cancel_children(conn: Connection, task_id: str, tenant_id: str) -> None:
+    """Cancel the cancelled ``task_id``'s non-terminal children, in spawn order. The
+    parent row is locked first and each child after it (top down); a child finishing
+    meanwhile never waits for the parent (``app.store.children``), so the two cannot
+    deadlock, and a child that became terminal first is simply not matched."""
+    for child_id in children.active_children(conn, task_id):
+        cancel(conn, child_id, tenant_id)
 
 
 def retry_step_later(

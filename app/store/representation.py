@@ -11,7 +11,7 @@ TASK_COLUMNS = (
     "id, tenant_id, agent, status::text AS status, input, metadata, step, progress, result, "
     "error, input_request, attempt, webhook_url, created_at, updated_at, started_at, "
     "finished_at, last_seq, lease_token, deadline_at, timeout_seconds, wake_at, human_input, "
-    "usage, budget, agent_version, acknowledged_at, compensation"
+    "usage, budget, agent_version, acknowledged_at, compensation, parent_id"
 )
 
 
@@ -51,6 +51,7 @@ def task_json(row: Mapping[str, Any]) -> dict[str, Any]:
         "acknowledged_at": rfc3339(row["acknowledged_at"]),
         # V2.md section 5: null when nothing was to be undone
         "compensation": row["compensation"],
+        "parent_id": row["parent_id"],  # V2.md section 6: the task that spawned this one
     }
 
 

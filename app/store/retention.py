@@ -50,6 +50,11 @@ _DELETE_DELIVERY_MESSAGES = sa.text(
 _DELETE_DELIVERIES = sa.text("DELETE FROM webhook_deliveries WHERE task_id = ANY(:ids)")
 # Before the task: its foreign key would only set task_id to NULL.
 _DELETE_KEYS = sa.text("DELETE FROM idempotency_keys WHERE task_id = ANY(:ids)")
+# A deleted parent's children stay, without a parent; their spawn_key goes too, as the
+# CHECK tasks_spawn_key_iff_parent wants (ON DELETE SET NULL would clear parent_id only).
+_ORPHAN_CHILDREN = sa.text(
+    "UPDATE tasks SET parent_id = NULL, spawn_key = NULL WHERE parent_id = ANY(:ids)"
+)
 _DELETE_TASKS = sa.text("DELETE FROM tasks WHERE id = ANY(:ids)")
 
 
@@ -81,6 +86,7 @@ def delete_rows(conn: Connection, task_ids: Sequence[str]) -> int:
     conn.execute(_DELETE_DELIVERY_MESSAGES, {"ids": ids, "deliver": messages.DELIVER_WEBHOOK})
     conn.execute(_DELETE_DELIVERIES, {"ids": ids})
     conn.execute(_DELETE_KEYS, {"ids": ids})
+    conn.execute(_ORPHAN_CHILDREN, {"ids": ids})
     return conn.execute(_DELETE_TASKS, {"ids": ids}).rowcount
 
 

@@ -16,6 +16,7 @@ expiry sweep) is taken over in the same statement, so it never replays.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Mapping
@@ -97,16 +98,24 @@ def submit(
     *,
     body: Any,
     idempotency_key: str | None,
+    parent_id: str | None = None,
+    spawn_key: str | None = None,
+    conn: sa.Connection | None = None,
 ) -> Submitted:
     """Create the task described by ``task`` (validated request fields), or replay the
     one ``idempotency_key`` already created for the same ``body``.
+
+    A child task (``ctx.spawn``, V2.md 6) passes its ``parent_id`` and ``spawn_key``, and
+    the ``conn`` of the spawn's transaction (from :func:`app.store.db.transaction`), in
+    which the parent was checked: it is created like any submission, in that transaction.
 
     Raises :class:`IdempotencyKeyReused` (same key, different body) and
     :class:`IdempotencyKeyInFlight` (the first request has not committed in time).
     """
     ttl = settings_mod.current().idempotency_ttl_seconds
+    outer = conn
     try:
-        with db.transaction() as conn:
+        with contextlib.nullcontext(outer) if outer is not None else db.transaction() as conn:
             if idempotency_key is not None:
                 conn.execute(sa.text(f"SET LOCAL lock_timeout = '{IN_FLIGHT_WAIT_SECONDS}s'"))
                 claimed = conn.execute(
@@ -132,6 +141,8 @@ def submit(
                 budget=budgets.normalized(task.get("budget")),
                 # The version this process registers (the API pinned it when validating).
                 agent_version=task.get("agent_version", "1"),
+                parent_id=parent_id,
+                spawn_key=spawn_key,
             )
             if idempotency_key is not None:
                 conn.execute(
