@@ -408,6 +408,24 @@ class Client:
             if not cursor:
                 return
 
+    def children(
+        self, task_id: str, *, limit: int | None = None, cursor: str | None = None
+    ) -> dict[str, Any]:
+        """One page of the task's child tasks, in the order they were spawned:
+        ``{"data": [...], "next_cursor": ...}``."""
+        params = {"limit": limit, "cursor": cursor}
+        return self._request("GET", f"/v1/tasks/{task_id}/children", params=params)
+
+    def iter_children(self, task_id: str, *, page_size: int = 100) -> Iterator[dict[str, Any]]:
+        """Every child task of ``task_id`` (spawn order), fetching pages as needed."""
+        cursor = None
+        while True:
+            page = self.children(task_id, limit=page_size, cursor=cursor)
+            yield from page["data"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return
+
     def cancel(self, task_id: str) -> dict[str, Any]:
         """Cancel a task (again: fine). Raises :class:`TaskTerminal` if it completed or failed.
         A task with completed calls to undo comes back ``compensating`` (V2.md 5), then

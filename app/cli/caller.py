@@ -352,6 +352,20 @@ def results(client: Client, as_json: bool, agent: str | None, limit: int, ack_: 
         sys.stdout.flush()
 
 
+@click.command("children")
+@click.argument("task_id")
+@_client_command
+def children(client: Client, as_json: bool, task_id: str) -> None:
+    """List a task's child tasks in the order they were spawned (one per line; JSON
+    lines with --json)."""
+    for task in client.iter_children(task_id):
+        if as_json:
+            click.echo(json.dumps(task, separators=(",", ":")))
+        else:
+            click.echo(_summary(task))
+        sys.stdout.flush()
+
+
 @click.command("ack")
 @click.argument("task_id")
 @_client_command
@@ -376,4 +390,4 @@ def delete(client: Client, as_json: bool, task_id: str) -> None:
         click.echo(f"deleted {task_id}")
 
 
-COMMANDS = (submit, status, events, cancel, input_command, results, ack, delete)
+COMMANDS = (submit, status, events, cancel, input_command, results, children, ack, delete)
