@@ -324,9 +324,7 @@ def test_the_sweep_wakes_a_parent_whose_wake_up_was_lost(tasks, redis_url):
     # process that dies before its retry after the commit (the retry is dropped here)
     hold = db.engine().connect()
     held = hold.begin()
-    hold.execute(
-        sa.text("SELECT 1 FROM tasks WHERE id = :id FOR NO KEY UPDATE"), {"id": parent_id}
-    )
+    hold.execute(sa.text("SELECT 1 FROM tasks WHERE id = :id FOR NO KEY UPDATE"), {"id": parent_id})
     try:
         with db.transaction() as conn:
             assert lifecycle.commit_step(
