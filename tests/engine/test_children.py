@@ -17,6 +17,7 @@ from app.store import children as store_children
 from app.store import db, ids, lifecycle
 from outlast import WaitForChildren
 from tests.engine.conftest import TEST_AGENTS
+from tests.engine.servers import LocalServer, json_answer
 from tests.harness import wait_until
 
 CHILD_AGENTS = "tests.engine.child_agents"
@@ -358,3 +359,83 @@ def test_the_sweep_wakes_a_parent_whose_wake_up_was_lost(tasks, redis_url):
     row = tasks.rows("SELECT waiting_for, dispatched_at FROM tasks WHERE id = :id", id=parent_id)[0]
     assert row["waiting_for"] is None and row["dispatched_at"] is not None
     assert sweeps.wake_waiting_parents() == 0
+
+
+# --- with compensation (V2.md 5) ------------------------------------------------------------
+
+
+def _terminal_with_timers(tasks, task_id: str, timeout: float = 60.0):
+    def terminal():
+        sweeps.wake_due_timers()  # no beat here: undo backoffs and in-flight waits
+        row = tasks.get(task_id)
+        return row if row["status"] in lifecycle.TERMINAL else None
+
+    return wait_until(terminal, timeout, interval=0.1, what=f"{task_id} terminal")
+
+
+def test_a_child_that_fails_and_compensates_wakes_its_parent_once_it_ends_failed(
+    celery_worker, tasks
+):
+    # Given a fanout whose second calls child undoes its first call and fails at its second
+    server = LocalServer(lambda request: json_answer(200, {"ok": True}))
+    try:
+        inputs = [
+            {"url": server.url, "calls": 1},
+            {"url": server.url, "calls": 3, "compensate": True, "fail_at_call": 2},
+        ]
+        parent_id = tasks.submit("fanout", {"agent": "calls", "inputs": inputs})
+        done = _terminal_with_timers(tasks, parent_id)
+    finally:
+        server.close()
+
+    # Then the parent waited for the compensation to end, and its child's failure did
+    # not fail it
+    assert done["status"] == "completed", done["error"]
+    assert done["result"]["statuses"] == ["completed", "failed"]
+    failed = tasks.get(done["result"]["children"][1])
+    assert failed["compensation"] == {"reason": "failed", "total": 1, "done": 1, "failed": 0}
+    assert "task.compensating" in tasks.event_types(failed["id"])
+
+
+def test_cancelling_a_parent_compensates_each_child_with_calls_to_undo(
+    celery_worker, tasks, client, auth
+):
+    # Given a fanout of two calls children with compensate, each with a call made and
+    # its next call held open
+    release = threading.Event()
+
+    def callee(request):
+        if request.method == "POST" and request.json["step"] == 1:
+            release.wait(30)
+        return json_answer(200, {"ok": True})
+
+    server = LocalServer(callee)
+    try:
+        child = {"url": server.url, "calls": 3, "compensate": True}
+        parent_id = tasks.submit("fanout", {"agent": "calls", "inputs": [child, child]})
+
+        def both_in_call_2():
+            with server._lock:
+                steps = [(r.json["task_id"], r.json["step"]) for r in server.requests]
+            return len({t for t, s in steps if s == 1}) == 2
+
+        wait_until(both_in_call_2, 30, 0.05, what="both children in their second call")
+
+        # When the parent is cancelled
+        answer = client.post(f"/v1/tasks/{parent_id}/cancel", headers=auth)
+        assert answer.status_code == 200 and answer.get_json()["status"] == "cancelled"
+
+        # Then each child goes through its compensation and ends cancelled
+        kids = child_rows(tasks, parent_id)
+        assert {tasks.get(k["id"])["status"] for k in kids} == {"compensating"}
+        release.set()
+        ended = [_terminal_with_timers(tasks, k["id"]) for k in kids]
+    finally:
+        release.set()
+        server.close()
+    assert [k["status"] for k in ended] == ["cancelled", "cancelled"]
+    assert all(k["compensation"]["reason"] == "cancelled" for k in ended)
+    assert all(k["compensation"]["done"] == k["compensation"]["total"] >= 1 for k in ended)
+    with server._lock:
+        deletes = [r for r in server.requests if r.method == "DELETE"]
+    assert len(deletes) == sum(k["compensation"]["total"] for k in ended)
