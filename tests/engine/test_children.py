@@ -9,10 +9,11 @@ import time
 from datetime import UTC, datetime
 
 import pytest
+import redis as redis_lib
 import sqlalchemy as sa
 
 from app.engine import children as engine_children
-from app.engine import sweeps
+from app.engine import runner, sweeps
 from app.store import children as store_children
 from app.store import db, ids, lifecycle
 from outlast import WaitForChildren
@@ -439,3 +440,36 @@ def test_cancelling_a_parent_compensates_each_child_with_calls_to_undo(
     with server._lock:
         deletes = [r for r in server.requests if r.method == "DELETE"]
     assert len(deletes) == sum(k["compensation"]["total"] for k in ended)
+
+
+def test_a_waiting_parent_gets_no_step_message_and_a_stray_one_runs_nothing(
+    flask_app, tasks, redis_url
+):
+    # Given a parent waiting for a running child, idle for an hour, its queue empty
+    parent_id, token, child_id, _ = _leased_parent_with_child(tasks)
+    with db.transaction() as conn:
+        outcome = engine_children.commit_wait(
+            conn,
+            parent_id,
+            0,
+            token,
+            WaitForChildren((child_id,), "all", None),
+            started_at=datetime.now(UTC),
+            attempt=1,
+        )
+    assert outcome == "waiting"
+    tasks.scalar(
+        "UPDATE tasks SET dispatched_at = now() - interval '1 hour' WHERE id = :id RETURNING 1",
+        id=parent_id,
+    )
+    redis_lib.Redis.from_url(redis_url).flushall()
+
+    # Then the lost-message sweep sends it nothing (it has no step queued)
+    assert sweeps.redispatch_lost_messages() == 0
+    # And a stray message for its next step takes no lease and runs nothing
+    assert runner.run_step(parent_id, 1) == "skipped"
+    row = tasks.rows(
+        "SELECT lease_token, step, waiting_for FROM tasks WHERE id = :id", id=parent_id
+    )[0]
+    assert row["lease_token"] is None and row["step"] == 1
+    assert row["waiting_for"] == {"ids": [child_id], "mode": "all"}
