@@ -106,6 +106,7 @@ def run_step(task_id: str, step: int, held_token: str | None = None) -> str:
     """
     cfg = settings_mod.current()
     token = ids.new_token()
+    deleted: list[int] = []
     try:
         with db.transaction() as conn:
             task = lifecycle.acquire_lease(
@@ -119,8 +120,14 @@ def run_step(task_id: str, step: int, held_token: str | None = None) -> str:
             # The previous checkpoint never changes once written (a migration rewrites
             # it under the lease): read it on this connection.
             state = _previous_state(conn, task_id, step) if task is not None else None
+            # The rows of messages this process sent since its last step go with this
+            # commit rather than with one of their own.
+            deleted = outbox.delete_sent(conn)
     except _NotRunnableHere as missing:
         return _leave_for_its_version(task_id, step, missing.agent, missing.version)
+    except BaseException:
+        outbox.sent_rows.put_back(deleted)
+        raise
     if task is None:  # a compensating task's undos are steps too (V2.md 5)
         try:
             return compensation.run_undo_step(task_id, step, held_token)
@@ -252,7 +259,7 @@ def _run_leased(
                     return _finish_failed(task_id, token, "agent_error", state)
                 if migrated == "discarded":
                     return "discarded"
-            outcome = agent.step(ctx, state)
+            outcome = _step(agent, ctx, state, keeper)
         except BudgetExhausted as exc:
             if keeper.lost.is_set():
                 return "discarded"
@@ -287,10 +294,22 @@ def _run_leased(
         if keeper.lost.is_set():
             return "discarded"
         if ctx.nondeterministic is not None:  # the agent caught NondeterministicReplay
+            keeper.flush_progress()
             return _finish_failed(task_id, token, NONDETERMINISTIC_REPLAY, ctx.nondeterministic)
         if ctx.refused is not None:  # the agent caught the refusal; it still stands
+            keeper.flush_progress()
             return _budget_exhausted(task_id, token, task["budget"], ctx.refused)
-        return _commit(task_id, step, token, outcome, started_at, task["attempt"])
+        return _commit(task_id, step, token, outcome, started_at, task["attempt"], keeper)
+
+
+def _step(agent: Any, ctx: StepContext, state: Any, keeper: LeaseKeeper) -> Any:
+    """The agent's step function; progress it reported before raising is written before
+    whatever the runner writes about the exception (events keep their order)."""
+    try:
+        return agent.step(ctx, state)
+    except BaseException:
+        keeper.flush_progress()
+        raise
 
 
 def _budget_exhausted(task_id: str, token: str, budget: Any, exc: BudgetExhausted) -> str:
@@ -383,10 +402,19 @@ def _check_json(value: Any, what: str) -> str | None:
 
 
 def _commit(
-    task_id: str, step: int, token: str, outcome: Any, started_at: datetime, attempt: int
+    task_id: str,
+    step: int,
+    token: str,
+    outcome: Any,
+    started_at: datetime,
+    attempt: int,
+    keeper: LeaseKeeper,
 ) -> str:
-    """Write the step's outcome, fenced on the lease (one transaction)."""
+    """Write the step's outcome, fenced on the lease (one transaction), with the
+    progress the step reported last (its ``task.progress`` event comes first)."""
     problem = _outcome_problem(outcome)
+    if problem is not None or isinstance(outcome, Fail):
+        keeper.flush_progress()
     if problem is not None:
         return _finish_failed(task_id, token, "invalid_output", problem)
     if isinstance(outcome, Fail):
@@ -394,10 +422,16 @@ def _commit(
     if isinstance(outcome, WaitForChildren):  # V2.md 6: the ids must be this task's children
         problem = children.wait_problem(task_id, outcome)
         if problem is not None:
+            keeper.flush_progress()
             return _finish_failed(task_id, token, "invalid_output", problem)
+    progress = keeper.take_progress()
 
     def work() -> str:
         with db.transaction() as conn:
+            if progress is not None and not lifecycle.report_progress(
+                conn, task_id, token, progress
+            ):
+                return "discarded"  # the same fence as the checkpoint's
             common = {"started_at": started_at, "attempt": attempt}
             if isinstance(outcome, WaitForChildren):
                 return children.commit_wait(conn, task_id, step, token, outcome, **common)

@@ -2,9 +2,16 @@
 
 A Celery message that a database change makes necessary is written as an ``outbox``
 row in the same transaction. After the commit (:func:`app.store.db.after_commit`), the
-batch is sent and its rows deleted; if the broker is down or the process dies first,
-the beat's relay (:func:`relay_due`) sends them later. A message may therefore be sent
-twice, never zero times: the step runner's fencing makes a duplicate harmless.
+batch is sent; if the broker is down or the process dies first, the beat's relay
+(:func:`relay_due`) sends them later. A message may therefore be sent twice, never zero
+times: the step runner's fencing makes a duplicate harmless.
+
+The rows of sent messages are not deleted in a transaction of their own on the hot
+path: their ids wait in this process's :data:`sent_rows`, and are deleted in bulk by the
+next transaction of this process that offers to carry them (the step runner's lease,
+:func:`delete_sent`) or by a background thread within :data:`SENT_DELETE_SECONDS`, well
+inside the relay's grace period. A process that dies with ids still waiting leaves rows
+that the relay sends again: a duplicate, fenced like any other.
 
 A step message is routed when it is sent: to the queue of the agent version its task is
 pinned to then (:func:`app.store.messages.step_queue`), read from the task row in the
@@ -14,8 +21,12 @@ step sent to the new version's queue.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
+import threading
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -29,6 +40,10 @@ log = logging.getLogger(__name__)
 
 # The relay leaves rows younger than this to the fast path that wrote them.
 RELAY_GRACE_SECONDS = 2.0
+
+# Ids of sent messages wait at most this long before a background thread deletes their
+# rows (when no transaction of this process took them first); far below the grace.
+SENT_DELETE_SECONDS = 0.2
 
 # Key in the transaction's data under which this transaction's messages are collected.
 _BATCH_KEY = "outbox"
@@ -110,7 +125,8 @@ def _send(
 
 
 def publish(batch: Iterable[PendingMessage]) -> int:
-    """Send committed outbox messages now and delete their rows; returns how many went.
+    """Send committed outbox messages now; their rows are deleted in bulk soon after
+    (:class:`SentRows`). Returns how many went.
 
     Failures are logged, never raised: the relay sends what is left. A message the relay
     also sends (it waits RELAY_GRACE_SECONDS first) is a harmless duplicate.
@@ -124,12 +140,98 @@ def publish(batch: Iterable[PendingMessage]) -> int:
             break
         sent.append(message.outbox_id)
     if sent:
+        sent_rows.add(sent)
+    return len(sent)
+
+
+_DELETE_ROWS = sa.text("DELETE FROM outbox WHERE id = ANY(:ids)")
+
+
+class SentRows:
+    """Ids of outbox rows whose message this process sent, waiting to be deleted.
+
+    Deleting each publish's rows in a transaction of its own cost a commit per step and
+    per submission. Here they are deleted by a transaction this process runs anyway
+    (:func:`delete_sent`), or in bulk by one thread after :data:`SENT_DELETE_SECONDS`.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._cond = threading.Condition()
+        self._ids: list[int] = []
+        self._since: float | None = None
+        self._thread: threading.Thread | None = None
+
+    def _mine(self) -> None:
+        if self._pid != os.getpid():  # a forked child: the parent's ids are the parent's
+            self._reset()
+
+    def add(self, ids: list[int]) -> None:
+        self._mine()
+        with self._cond:
+            self._ids.extend(ids)
+            if self._since is None:
+                self._since = time.monotonic()
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="outbox-sent-rows", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def take(self) -> list[int]:
+        self._mine()
+        with self._cond:
+            ids, self._ids, self._since = self._ids, [], None
+        return ids
+
+    def put_back(self, ids: list[int]) -> None:
+        """Ids a transaction took and could not commit (they are deleted later)."""
+        if ids:
+            self.add(ids)
+
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._ids)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._since is None:
+                    self._cond.wait()
+                delay = self._since + SENT_DELETE_SECONDS - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+                continue
+            self.flush()
+
+    def flush(self) -> None:
+        """Delete the waiting rows now (never raises)."""
+        ids = self.take()
+        if not ids:
+            return
         try:
             with db.transaction() as conn:
-                conn.execute(sa.text("DELETE FROM outbox WHERE id = ANY(:ids)"), {"ids": sent})
+                conn.execute(_DELETE_ROWS, {"ids": ids})
         except Exception as exc:  # the relay will send them again: duplicates are fenced
-            log.warning("outbox rows sent but not deleted: %s", exc)
-    return len(sent)
+            log.warning("%d outbox rows sent but not deleted: %s", len(ids), exc)
+
+
+sent_rows = SentRows()
+atexit.register(sent_rows.flush)
+
+
+def delete_sent(conn: Connection) -> list[int]:
+    """Delete, in ``conn``'s transaction, the rows of messages this process sent and
+    has not deleted yet; returns their ids, which the caller gives back with
+    ``sent_rows.put_back`` if the transaction does not commit."""
+    ids = sent_rows.take()
+    if ids:
+        conn.execute(_DELETE_ROWS, {"ids": ids})
+    return ids
 
 
 def relay_due(limit: int = 500) -> int:
