@@ -171,6 +171,7 @@ def redispatch_lost_messages(limit: int = BATCH) -> int:
     Duplicates are fenced anyway.
     """
     cfg = settings_mod.current()
+    outbox.sent_rows.flush()  # rows of messages this process already sent are not "coming"
     with db.transaction() as conn:
         idle = _count_idle(conn)
         if not idle:

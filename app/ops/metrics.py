@@ -4,7 +4,8 @@ Web, worker and beat may run on different machines (Heroku dynos), so a process'
 memory cannot hold the numbers one scrape reads: prometheus-client's multiprocess mode
 shares files on one machine only, and a Pushgateway is one more service to run. Every
 Outlast process already talks to the same Redis (the Celery broker), so recorders add to
-Redis hashes (``HINCRBY``/``HINCRBYFLOAT``, atomic, one round trip), and ``GET
+Redis hashes (``HINCRBY``/``HINCRBYFLOAT``, atomic; summed in the process and sent in one
+pipeline within 50 ms by a background thread, off the hot path), and ``GET
 /metrics`` reads them through a prometheus-client *custom collector*
 (``CounterMetricFamily``/``HistogramMetricFamily``) together with what is measured at
 scrape time: the queue depth per queue (``LLEN``), the broker's unacknowledged
@@ -27,12 +28,14 @@ Helpers for the rest of the code:
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,20 +159,81 @@ def _check(definition: _Def, label_values: Sequence[str]) -> None:
         raise ValueError(f"{definition.name} takes labels {definition.labels}, got {label_values}")
 
 
-def _write(ops: Callable[[Any], None], what: str) -> None:
-    try:
-        pipe = _redis().pipeline(transaction=False)
-        ops(pipe)
-        pipe.execute()
-    except Exception as exc:  # metrics never break the work they measure
-        log.warning("metric %s not recorded: %s", what, exc)
+# Recordings wait at most this long in the process before one pipeline sends them all.
+FLUSH_SECONDS = 0.05
+
+
+class _Pending:
+    """Increments recorded by this process and not yet sent to Redis.
+
+    A pipeline per recording put a Redis round trip on every step and every submission;
+    here recordings are summed in memory and a background thread sends them all in one
+    pipeline within :data:`FLUSH_SECONDS`. A scrape answered by this process sends them
+    first, so what it recorded is in what it reads. At most that window is lost if the
+    process is killed (at exit the rest is sent).
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._cond = threading.Condition()
+        self._sums: dict[tuple[str, str], int | float] = {}
+        self._thread: threading.Thread | None = None
+
+    def add(self, key: str, field: str, amount: int | float) -> None:
+        if self._pid != os.getpid():  # a forked child does not send its parent's counts
+            self._reset()
+        with self._cond:
+            self._sums[(key, field)] = self._sums.get((key, field), 0) + amount
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="metrics", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._sums:
+                    self._cond.wait()
+            time.sleep(FLUSH_SECONDS)  # let more recordings join this pipeline
+            self.flush()
+
+    def flush(self) -> None:
+        """Send what is pending (never raises; a failed send is dropped with a log line,
+        like a failed recording always was)."""
+        if self._pid != os.getpid():
+            self._reset()
+        with self._cond:
+            sums, self._sums = self._sums, {}
+        if not sums:
+            return
+        try:
+            pipe = _redis().pipeline(transaction=False)
+            for (key, field), amount in sums.items():
+                if isinstance(amount, float):
+                    pipe.hincrbyfloat(key, field, amount)
+                else:
+                    pipe.hincrby(key, field, amount)
+            pipe.execute()
+        except Exception as exc:  # metrics never break the work they measure
+            log.warning("%d metric increments not recorded: %s", len(sums), exc)
+
+
+_pending = _Pending()
+atexit.register(_pending.flush)
+
+
+def flush() -> None:
+    """Send this process's pending recordings to Redis now."""
+    _pending.flush()
 
 
 def inc(definition: _Def, label_values: Sequence[str], amount: int = 1) -> None:
     """Add ``amount`` to the counter ``definition`` for ``label_values``."""
     _check(definition, label_values)
-    field = _field(label_values)
-    _write(lambda pipe: pipe.hincrby(definition.key, field, amount), definition.name)
+    _pending.add(definition.key, _field(label_values), int(amount))
 
 
 def observe(definition: _Def, label_values: Sequence[str], value: float) -> None:
@@ -177,13 +241,9 @@ def observe(definition: _Def, label_values: Sequence[str], value: float) -> None
     _check(definition, label_values)
     index = bisect.bisect_left(definition.buckets, value)
     bucket = repr(float(definition.buckets[index])) if index < len(definition.buckets) else "+Inf"
-
-    def ops(pipe: Any) -> None:
-        pipe.hincrby(definition.key, _field(label_values, bucket), 1)
-        pipe.hincrby(definition.key, _field(label_values, "count"), 1)
-        pipe.hincrbyfloat(definition.key, _field(label_values, "sum"), float(value))
-
-    _write(ops, definition.name)
+    _pending.add(definition.key, _field(label_values, bucket), 1)
+    _pending.add(definition.key, _field(label_values, "count"), 1)
+    _pending.add(definition.key, _field(label_values, "sum"), float(value))
 
 
 # --- helpers for the rest of the code -------------------------------------------------------
@@ -299,6 +359,7 @@ class OutlastCollector:
         yield up
 
     def _from_redis(self) -> Iterable[Metric]:
+        flush()  # what this process recorded is in what it reads
         client = _redis()
         # Steps wait in one queue per agent version (messages.step_queue); the "steps"
         # depth is all of them together (their priority lists included).
