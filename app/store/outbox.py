@@ -27,7 +27,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
@@ -65,19 +65,25 @@ def add(
     *,
     queue: str,
     task_id: str | None = None,
+    also: str | None = None,
+    also_params: Mapping[str, Any] | None = None,
 ) -> int:
     """Queue a Celery message to be published once this transaction commits (``conn``
-    must come from :func:`app.store.db.transaction`)."""
+    must come from :func:`app.store.db.transaction`).
+
+    ``also``: a data-modifying statement (with ``also_params``; ``:task_id`` is this
+    row's) run in the same round trip, as a ``WITH`` query of the ``INSERT``."""
     tx = db.state(conn)
     args = list(args)
     outbox_id, agent, version = conn.execute(
-        sa.text(
-            "INSERT INTO outbox (task_name, queue, args, task_id) "
-            "VALUES (:name, :queue, CAST(:args AS jsonb), :task_id) "
-            "RETURNING id, (SELECT agent FROM tasks WHERE tasks.id = outbox.task_id), "
-            "(SELECT agent_version FROM tasks WHERE tasks.id = outbox.task_id)"
-        ),
-        {"name": task_name, "queue": queue, "args": json.dumps(args), "task_id": task_id},
+        _insert(also),
+        {
+            **(also_params or {}),
+            "name": task_name,
+            "queue": queue,
+            "args": json.dumps(args),
+            "task_id": task_id,
+        },
     ).one()
     batch = tx.data.get(_BATCH_KEY)
     if batch is None:
@@ -87,10 +93,36 @@ def add(
     return outbox_id
 
 
-def add_step(conn: Connection, task_id: str, step: int) -> int:
-    """Queue the message that runs step ``step`` of ``task_id``."""
+_INSERT = (
+    "INSERT INTO outbox (task_name, queue, args, task_id) "
+    "VALUES (:name, :queue, CAST(:args AS jsonb), :task_id) "
+    "RETURNING id, (SELECT agent FROM tasks WHERE tasks.id = outbox.task_id), "
+    "(SELECT agent_version FROM tasks WHERE tasks.id = outbox.task_id)"
+)
+_insert_plain = sa.text(_INSERT)
+
+
+def _insert(also: str | None) -> sa.TextClause:
+    return _insert_plain if also is None else sa.text(f"WITH also AS ({also}) {_INSERT}")
+
+
+def add_step(
+    conn: Connection,
+    task_id: str,
+    step: int,
+    *,
+    also: str | None = None,
+    also_params: Mapping[str, Any] | None = None,
+) -> int:
+    """Queue the message that runs step ``step`` of ``task_id`` (``also``: see :func:`add`)."""
     return add(
-        conn, messages.RUN_STEP, [task_id, step], queue=messages.STEPS_QUEUE, task_id=task_id
+        conn,
+        messages.RUN_STEP,
+        [task_id, step],
+        queue=messages.STEPS_QUEUE,
+        task_id=task_id,
+        also=also,
+        also_params=also_params,
     )
 
 

@@ -82,6 +82,9 @@ def fingerprint(body: Any) -> str:
 
 
 _CLAIM_KEY = sa.text(
+    # One round trip: psycopg2 sends both statements as one query string, and the
+    # result is the INSERT's.
+    f"SET LOCAL lock_timeout = '{IN_FLIGHT_WAIT_SECONDS}s'; "
     "INSERT INTO idempotency_keys (tenant_id, key, fingerprint, expires_at) "
     "VALUES (:tenant_id, :key, :fingerprint, now() + make_interval(secs => :ttl)) "
     "ON CONFLICT (tenant_id, key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, "
@@ -89,6 +92,13 @@ _CLAIM_KEY = sa.text(
     # Take over only a forgotten key: expired, or its task purged.
     "WHERE idempotency_keys.expires_at <= now() OR idempotency_keys.task_id IS NULL "
     "RETURNING key"
+)
+
+
+# Run with the outbox row's INSERT (a data-modifying CTE runs exactly once, read or not).
+_KEY_NAMES_TASK = (
+    "UPDATE idempotency_keys SET task_id = :task_id "
+    "WHERE tenant_id = :idem_tenant AND key = :idem_key"
 )
 
 
@@ -117,7 +127,6 @@ def submit(
     try:
         with contextlib.nullcontext(outer) if outer is not None else db.transaction() as conn:
             if idempotency_key is not None:
-                conn.execute(sa.text(f"SET LOCAL lock_timeout = '{IN_FLIGHT_WAIT_SECONDS}s'"))
                 claimed = conn.execute(
                     _CLAIM_KEY,
                     {
@@ -144,15 +153,15 @@ def submit(
                 parent_id=parent_id,
                 spawn_key=spawn_key,
             )
-            if idempotency_key is not None:
-                conn.execute(
-                    sa.text(
-                        "UPDATE idempotency_keys SET task_id = :task_id "
-                        "WHERE tenant_id = :tenant_id AND key = :key"
-                    ),
-                    {"task_id": row["id"], "tenant_id": tenant_id, "key": idempotency_key},
-                )
-            outbox.add_step(conn, row["id"], 0)
+            # The key names its task in the outbox row's statement (one round trip).
+            named = idempotency_key is not None
+            outbox.add_step(
+                conn,
+                row["id"],
+                0,
+                also=_KEY_NAMES_TASK if named else None,
+                also_params={"idem_tenant": tenant_id, "idem_key": idempotency_key},
+            )
     except sa_exc.OperationalError as exc:
         if db_errors.sqlstate(exc) == db_errors.LOCK_NOT_AVAILABLE:
             raise IdempotencyKeyInFlight() from None
