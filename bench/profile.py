@@ -163,7 +163,22 @@ def profile_submit(stack, seconds: float, out: Path) -> dict:
 
 
 def _statement_kind(sql: str) -> str:
-    """A short name for a logged statement: its verb and table."""
+    """A short name for a logged statement: its verb and table (several sent in one
+    string: each, joined with ``+``; a data-modifying ``WITH``: its parts)."""
+    parts = [p for p in sql.split(";") if p.strip()]
+    if len(parts) > 1:
+        return " + ".join(_statement_kind(p) for p in parts)
+    words = sql.replace("(", " ").split()
+    if words and words[0].upper() == "WITH":
+        upper = [w.upper() for w in words]
+        found = [
+            f"{upper[i]} {words[i + (2 if upper[i] == 'INSERT' else 1)]}"
+            for i in range(len(words) - 2)
+            if upper[i] in ("INSERT", "UPDATE", "DELETE")
+            and (upper[i] != "INSERT" or upper[i + 1] == "INTO")
+            and (upper[i] != "DELETE" or upper[i + 1] == "FROM")
+        ]
+        return "WITH " + " + ".join(found) if found else "WITH"
     words = sql.replace("(", " ").split()
     if not words:
         return "?"
@@ -184,31 +199,40 @@ def _statement_kind(sql: str) -> str:
 
 
 def count_statements(
-    infra: Infra, tasks: int = 5, steps: int = 20, code_root: str | None = None
+    infra: Infra,
+    tasks: int = 5,
+    steps: int = 20,
+    code_root: str | None = None,
+    name: str = "statements",
 ) -> dict:
     """Statements PostgreSQL receives per submission and per step (log_statement=all
-    on a private server; each statement is one round trip)."""
+    on a private server; each statement is one round trip, so a string of several
+    statements sent at once counts once, under its first). Only the statements of this
+    count's own database and of Outlast's connections (not the driver's) are counted.
+    ``COMMIT`` per step is the commits per step."""
     from bench.outlast_side import OutlastStack
 
     if infra._pg is None:
         raise RuntimeError("statement counting needs the embedded PostgreSQL")
     with infra.admin.connect() as conn:
-        conn.exec_driver_sql("ALTER SYSTEM SET log_line_prefix = '%%m [%%p] %%a: '")
+        conn.exec_driver_sql("ALTER SYSTEM SET log_line_prefix = '%%m [%%p] %%d %%a: '")
         conn.exec_driver_sql("ALTER SYSTEM SET log_statement = 'all'")
         conn.exec_driver_sql("SELECT pg_reload_conf()")
     log_path = infra._pg.data_dir / "log"
-    stack = OutlastStack(infra, name="statements", code_root=code_root)
+    stack = OutlastStack(infra, name=name, code_root=code_root)
+    ours = f" {infra.database_name(name)} outlast:"
     try:
         stack.start_web()
         time.sleep(1.0)
 
         def since(offset: int) -> Counter:
             kinds: Counter = Counter()
-            text = log_path.read_text(errors="replace")[offset:]
+            with open(log_path, "rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace")
             for line in text.splitlines():
                 head, sep, sql = line.partition(" LOG:  statement: ")
-                # Only Outlast's own connections (the driver's have another name).
-                if sep and head.endswith("outlast:"):
+                if sep and head.endswith(ours):
                     kinds[_statement_kind(sql)] += 1
             return kinds
 
@@ -221,7 +245,7 @@ def count_statements(
         with stack.engine.connect() as conn:
             ids = [r[0] for r in conn.exec_driver_sql("SELECT id FROM tasks")]
         stack.wait_terminal(ids, 120)
-        time.sleep(0.5)
+        time.sleep(1.0)  # what is deleted in bulk after the last publish
         per_step = since(offset)
     finally:
         stack.stop_workers()
@@ -232,6 +256,8 @@ def count_statements(
             conn.exec_driver_sql("SELECT pg_reload_conf()")
     n_steps = tasks * steps
     return {
+        "tasks": tasks,
+        "steps": steps,
         "per_submission": {k: v / tasks for k, v in per_submission.most_common()},
         "per_step": {k: v / n_steps for k, v in per_step.most_common()},
     }

@@ -68,10 +68,23 @@ def _pass(ok: bool | None) -> str:
     return "met" if ok else "**missed**"
 
 
+OUTLASTS = ("variant", "outlast")  # the --variant (before) first, then this checkout
+
+
 def render(results: dict) -> str:
     """The run's report in markdown."""
+    global NAMES
     out: list[str] = []
     meta = results["meta"]
+    saved = NAMES
+    NAMES = {**NAMES, "variant": meta.get("variant_label") or NAMES["variant"]}
+    try:
+        return _render(results, out, meta)
+    finally:
+        NAMES = saved
+
+
+def _render(results: dict, out: list[str], meta: dict) -> str:
     out.append(
         f"Run of {meta['date']} on {meta['nproc']} cores ({meta['cpu']}), {meta['memory']}, "
         f"load average at start {', '.join(f'{x:.2f}' for x in meta['loadavg_at_start'])}; "
@@ -85,6 +98,25 @@ def render(results: dict) -> str:
     if results.get("outlast_skipped"):
         out.append(f"\nOutlast not measured: {results['outlast_skipped']}")
     goals: list[tuple[str, str, str]] = []
+    # goal -> contender -> (measured, verdict): each Outlast beside the --variant
+    versus: dict[str, dict[str, tuple[str, str]]] = {}
+
+    def goal(name: str, contender: str, value: float, text: str, ok: bool | None) -> None:
+        """``ok`` None: a figure shown beside the goals, not a goal."""
+        if not math.isnan(value):
+            verdict = "" if ok is None else _pass(ok)
+            versus.setdefault(name, {})[contender] = (text, verdict)
+
+    counted = results.get("statements")
+    if counted:
+        out.append(render_statement_counts(counted))
+        for c, rows in counted.items():
+            commits = rows["per_step"].get("COMMIT", 0.0)
+            total = sum(rows["per_step"].values())
+            goal("commits per echo step <= 2", c, commits, f"{commits:.2f}", commits <= 2.005)
+            goal("statements per echo step", c, total, f"{total:.1f}", None)
+            sub = rows["per_submission"].get("COMMIT", 0.0)
+            goal("commits per submission", c, sub, f"{sub:.2f}", sub <= 1.005)
 
     steps = results.get("steps")
     if steps:
@@ -111,6 +143,17 @@ def render(results: dict) -> str:
                 f"{fmt(ratio(lat[c], lat.get('raw_celery', math.nan)), 2)}x |"
             )
         out.append(render_cpu(steps["many"], results["meta"].get("nproc") or 2))
+        for c in OUTLASTS:
+            if c not in tput:
+                continue
+            for base, label, target in (
+                ("raw_celery", "raw Celery", 0.75),
+                ("pg_checkpoint", "hand-rolled PG checkpoint", 1.0),
+            ):
+                r = ratio(tput[c], tput.get(base, math.nan))
+                goal(f"step throughput >= {target}x {label}", c, r, f"{r:.2f}x", r >= target)
+            cpu = cpu_per_step(steps["many"][c])
+            goal("CPU per step, all processes <= 13 ms", c, cpu, f"{cpu:.1f} ms", cpu <= 13)
         if "outlast" in tput:
             r_raw = ratio(tput["outlast"], tput.get("raw_celery", math.nan))
             r_dbos = ratio(tput["outlast"], tput.get("dbos", math.nan))
@@ -153,6 +196,14 @@ def render(results: dict) -> str:
                     f"{fmt(ratio(p99[name], p99.get('naive', math.nan)), 2)}x | "
                     f"{cpu_share * 100:.0f}% of a core |"
                 )
+            for c in OUTLASTS:
+                if c in rps:
+                    r = ratio(rps[c], rps["naive"])
+                    goal(
+                        f"submission rps >= 1.0x naive at {conns} conns", c, r, f"{r:.2f}x", r >= 1
+                    )
+                    q = ratio(p99[c], p99["naive"])
+                    goal(f"submission p99 <= naive at {conns} conns", c, q, f"{q:.2f}x", q <= 1)
             if "outlast" in rps:
                 r = ratio(rps["outlast"], rps["naive"])
                 goals.append(
@@ -182,6 +233,10 @@ def render(results: dict) -> str:
                 f"{fmt(percentile(samples, 90) * 1000, 2)} | "
                 f"{fmt(percentile(samples, 99) * 1000, 2)} | {fmt(ratio(p50, base), 2)}x |"
             )
+        for c in OUTLASTS:
+            if c in latency:
+                r = ratio(percentile(latency[c], 50), base)
+                goal("one-step e2e p50 <= 3x raw Celery round trip", c, r, f"{r:.2f}x", r <= 3)
         if "outlast" in latency:
             r = ratio(percentile(latency["outlast"], 50), base)
             goals.append(
@@ -232,6 +287,17 @@ def render(results: dict) -> str:
     if scale:
         out.append(render_scale(scale, goals))
 
+    if versus:
+        present = [c for c in OUTLASTS if any(c in row for row in versus.values())]
+        out.append("\n### Goals, before and after (same run)\n")
+        out.append("| goal | " + " | ".join(NAMES[c] for c in present) + " |")
+        out.append("|---|" + "---:|" * len(present))
+        for name, row in versus.items():
+            cells = [
+                "-" if c not in row else row[c][0] + (f" ({row[c][1]})" if row[c][1] else "")
+                for c in present
+            ]
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
     if goals:
         out.append("\n### Goals (same-run ratios)\n")
         out.append("| goal | measured | |")
@@ -248,6 +314,36 @@ CPU_COMPONENTS = (
     ("web (submission)", ("outlast-web", "variant-web")),
     ("beat", ("outlast-beat", "variant-beat")),
 )
+
+
+def cpu_per_step(runs: list[dict]) -> float:
+    """Median over rounds of the CPU ms per step of every process of the run."""
+    keys = {k for _, names in CPU_COMPONENTS for k in names}
+    return median(
+        [sum(v for k, v in r.get("cpu_ms_per_step", {}).items() if k in keys) for r in runs]
+    )
+
+
+def render_statement_counts(counted: dict) -> str:
+    """Statements (round trips) and commits per echo step and per submission, side by
+    side for each checkout counted."""
+    names = list(counted)
+    out = [
+        "\n### Statements and commits (PostgreSQL's log, log_statement=all)\n",
+        "Each logged statement is one round trip; `COMMIT` counts commits.\n",
+    ]
+    for what, title in (("per_step", "per echo step"), ("per_submission", "per POST /v1/tasks")):
+        kinds: list[str] = []
+        for c in names:
+            kinds += [k for k in counted[c][what] if k not in kinds]
+        out.append(f"\n| {title} | " + " | ".join(NAMES[c] for c in names) + " |")
+        out.append("|---|" + "---:|" * len(names))
+        for kind in kinds:
+            cells = [fmt(counted[c][what].get(kind, 0.0), 2) for c in names]
+            out.append(f"| `{kind}` | " + " | ".join(cells) + " |")
+        totals = [f"**{sum(counted[c][what].values()):.2f}**" for c in names]
+        out.append("| **total** | " + " | ".join(totals) + " |")
+    return "\n".join(out)
 
 
 def render_cpu(many: dict, cores: int) -> str:

@@ -1,7 +1,8 @@
 """``python -m bench.run [--size smoke|small|full] [--only SECTIONS]``: every
 measurement beside its baseline, alternating them round by round, with same-run ratios.
 
-Sections (in this order): ``steps`` (step throughput and per-step latency), ``submit``
+Sections (in this order): ``statements`` (statements and commits PostgreSQL receives
+per echo step and per submission, for this checkout and the ``--variant``), ``steps`` (step throughput and per-step latency), ``submit``
 (submission throughput and p50/p99 at 2 and 16 connections), ``latency`` (one-step
 end-to-end vs a raw Celery round trip), ``recovery`` (SIGKILL of a busy worker to the
 next checkpoint), ``rss`` (worker memory across many tasks). ``python -m bench.run
@@ -30,7 +31,7 @@ from bench.baselines import CeleryBaseline, DBOSBaseline, NaiveWeb
 from bench.infra import ROOT, Infra
 from bench.loadgen import run_load
 
-SECTIONS = ("steps", "submit", "latency", "recovery", "rss", "waiters")
+SECTIONS = ("statements", "steps", "submit", "latency", "recovery", "rss", "waiters")
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ SIZES = {
         recovery_repeats=3,
         rss_tasks=3_000,
         estimate={
+            "statements": 60,
             "steps": 150,
             "submit": 80,
             "latency": 20,
@@ -196,6 +198,26 @@ class Run:
             self.infra.wait_worker_ready(worker)
 
     # --- sections -------------------------------------------------------------------------
+
+    def section_statements(self) -> None:
+        """Statements and commits per step and per submission (log_statement=all on the
+        embedded server; needs it: skipped with a given DATABASE_URL)."""
+        from bench.profile import count_statements
+
+        if self.infra._pg is None:
+            self.results["statements_skipped"] = "needs the embedded PostgreSQL"
+            return
+        counted = {}
+        roots = {"outlast": None}
+        if self.variant_root:
+            roots["variant"] = self.variant_root
+        tasks, steps = (2, 5) if self.size.chains < 10 else (5, 20)
+        for name, root in roots.items():
+            log(f"statements: {name}")
+            counted[name] = count_statements(
+                self.infra, tasks=tasks, steps=steps, code_root=root, name=f"stmts_{name}"
+            )
+        self.results["statements"] = counted
 
     def section_steps(self) -> None:
         s = self.size
@@ -395,6 +417,12 @@ def main(argv: list[str] | None = None) -> int:
         help="another checkout of Outlast to measure beside this one (steps, submit, latency)",
     )
     parser.add_argument(
+        "--variant-label",
+        default=None,
+        metavar="TEXT",
+        help="how the report names the --variant (e.g. 'before (4862372)')",
+    )
+    parser.add_argument(
         "--out", default=None, help="results directory (default bench/results/<time>)"
     )
     parser.add_argument("--no-plots", action="store_true")
@@ -439,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     results = run.results
     results["meta"]["command"] = "python -m bench.run " + " ".join(argv)
     results["meta"]["size"] = args.size
+    if args.variant_label:
+        results["meta"]["variant_label"] = args.variant_label
     out.mkdir(parents=True, exist_ok=True)
     try:
         run.run()
