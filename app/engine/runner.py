@@ -117,12 +117,14 @@ def run_step(task_id: str, step: int, held_token: str | None = None) -> str:
                 plan = registry.resolve(task["agent"], task["agent_version"])
                 if plan is None:
                     raise _NotRunnableHere(task["agent"], task["agent_version"])
-            # The previous checkpoint never changes once written (a migration rewrites
-            # it under the lease): read it on this connection.
-            state = _previous_state(conn, task_id, step) if task is not None else None
-            # The rows of messages this process sent since its last step go with this
-            # commit rather than with one of their own.
-            deleted = outbox.delete_sent(conn)
+            # The rows of messages this process sent since its last step are deleted by
+            # this commit rather than by one of their own, in the round trip that reads
+            # the previous checkpoint (which never changes once written; a migration
+            # rewrites it under the lease).
+            deleted = outbox.sent_rows.take()
+            state = _previous_state(conn, task_id, step, deleted) if task is not None else None
+            if task is None and deleted:
+                outbox.delete_rows(conn, deleted)
     except _NotRunnableHere as missing:
         return _leave_for_its_version(task_id, step, missing.agent, missing.version)
     except BaseException:
@@ -326,12 +328,22 @@ def _budget_exhausted(task_id: str, token: str, budget: Any, exc: BudgetExhauste
     return _with_db_retries(work)
 
 
-def _previous_state(conn: Connection, task_id: str, step: int) -> Any:
+_READ_CHECKPOINT = "SELECT state FROM checkpoints WHERE task_id = :id AND step_index = :step"
+_read_checkpoint = sa.text(_READ_CHECKPOINT)
+# psycopg2 sends both as one query string; the result is the SELECT's.
+_delete_sent_and_read_checkpoint = sa.text(f"{outbox.DELETE_ROWS_SQL}; {_READ_CHECKPOINT}")
+
+
+def _previous_state(conn: Connection, task_id: str, step: int, sent: list[int]) -> Any:
+    """The previous step's checkpoint (``None`` before step 0), deleting the outbox rows
+    ``sent`` in the same round trip."""
     if step == 0:
+        if sent:
+            outbox.delete_rows(conn, sent)
         return None
+    params = {"id": task_id, "step": step - 1, "ids": sent}
     return conn.execute(
-        sa.text("SELECT state FROM checkpoints WHERE task_id = :id AND step_index = :step"),
-        {"id": task_id, "step": step - 1},
+        _delete_sent_and_read_checkpoint if sent else _read_checkpoint, params
     ).scalar()
 
 

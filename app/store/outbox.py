@@ -9,7 +9,7 @@ times: the step runner's fencing makes a duplicate harmless.
 The rows of sent messages are not deleted in a transaction of their own on the hot
 path: their ids wait in this process's :data:`sent_rows`, and are deleted in bulk by the
 next transaction of this process that offers to carry them (the step runner's lease,
-:func:`delete_sent`) or by a background thread within :data:`SENT_DELETE_SECONDS`, well
+:func:`delete_rows`) or by a background thread within :data:`SENT_DELETE_SECONDS`, well
 inside the relay's grace period. A process that dies with ids still waiting leaves rows
 that the relay sends again: a duplicate, fenced like any other.
 
@@ -176,7 +176,8 @@ def publish(batch: Iterable[PendingMessage]) -> int:
     return len(sent)
 
 
-_DELETE_ROWS = sa.text("DELETE FROM outbox WHERE id = ANY(:ids)")
+DELETE_ROWS_SQL = "DELETE FROM outbox WHERE id = ANY(:ids)"
+_DELETE_ROWS = sa.text(DELETE_ROWS_SQL)
 
 
 class SentRows:
@@ -184,7 +185,7 @@ class SentRows:
 
     Deleting each publish's rows in a transaction of its own cost a commit per step and
     per submission. Here they are deleted by a transaction this process runs anyway
-    (:func:`delete_sent`), or in bulk by one thread after :data:`SENT_DELETE_SECONDS`.
+    (:func:`delete_rows`), or in bulk by one thread after :data:`SENT_DELETE_SECONDS`.
     """
 
     def __init__(self) -> None:
@@ -256,14 +257,11 @@ sent_rows = SentRows()
 atexit.register(sent_rows.flush)
 
 
-def delete_sent(conn: Connection) -> list[int]:
-    """Delete, in ``conn``'s transaction, the rows of messages this process sent and
-    has not deleted yet; returns their ids, which the caller gives back with
-    ``sent_rows.put_back`` if the transaction does not commit."""
-    ids = sent_rows.take()
-    if ids:
-        conn.execute(_DELETE_ROWS, {"ids": ids})
-    return ids
+def delete_rows(conn: Connection, ids: list[int]) -> None:
+    """Delete, in ``conn``'s transaction, the rows ``ids`` that ``sent_rows.take()``
+    gave (``DELETE_ROWS_SQL`` with ``:ids``, to send it with another statement); the
+    caller gives them back with ``sent_rows.put_back`` if the transaction fails."""
+    conn.execute(_DELETE_ROWS, {"ids": ids})
 
 
 def relay_due(limit: int = 500) -> int:
