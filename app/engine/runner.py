@@ -440,13 +440,15 @@ def _commit(
 
     def work() -> str:
         with db.transaction() as conn:
-            if progress is not None and not lifecycle.report_progress(
-                conn, task_id, token, progress
-            ):
-                return "discarded"  # the same fence as the checkpoint's
             common = {"started_at": started_at, "attempt": attempt}
             if isinstance(outcome, WaitForChildren):
+                # children.commit_wait writes the checkpoint; the progress goes first
+                if progress is not None and not lifecycle.report_progress(
+                    conn, task_id, token, progress
+                ):
+                    return "discarded"  # the same fence as the checkpoint's
                 return children.commit_wait(conn, task_id, step, token, outcome, **common)
+            common["progress"] = progress
             if isinstance(outcome, Continue):
                 row = lifecycle.commit_step(
                     conn, task_id, step, token, state=outcome.state, **common

@@ -368,25 +368,40 @@ def commit_step(
     attempt: int,
     wake_at: datetime | None = None,
     dispatch: bool = True,
+    progress: Mapping[str, Any] | None = None,
 ) -> RowMapping | None:
     """Checkpoint step ``step``: the checkpoint row, ``step + 1``, the lease released,
     ``task.step.completed``. Fenced on (task, step, lease token): ``None`` means another
     execution or a cancel got there first and this step's work must be discarded.
 
     ``wake_at`` leaves the next step to the timer sweep; ``dispatch`` marks the next
-    step as queued now (the caller adds the outbox row).
+    step as queued now (the caller adds the outbox row). ``progress``: the step's last
+    reported progress, not yet stored: stored by the same ``UPDATE``, with its
+    ``task.progress`` event (as :func:`report_progress` writes it) before the step's.
     """
     row = _update(
         conn,
         task_id,
         "step = step + 1, lease_token = NULL, lease_expires_at = NULL, step_retries = 0, "
-        "human_input = NULL, wake_at = :wake_at, dispatched_at = CASE WHEN :dispatch THEN now() ELSE NULL END",
+        "human_input = NULL, wake_at = :wake_at, dispatched_at = CASE WHEN :dispatch THEN now() ELSE NULL END"
+        + (", progress = CAST(:progress AS jsonb)" if progress is not None else ""),
         allowed={Status.WORKING},
         where_sql="AND step = :step AND lease_token = :token",
-        params={"step": step, "token": token, "wake_at": wake_at, "dispatch": dispatch},
+        params={
+            "step": step,
+            "token": token,
+            "wake_at": wake_at,
+            "dispatch": dispatch,
+            "progress": json.dumps(progress),
+        },
+        events=1 if progress is None else 2,
     )
     if row is None:
         return None
+    if progress is not None:  # the task as report_progress would have left it
+        append_event(
+            conn, {**row, "step": step, "last_seq": row["last_seq"] - 1}, EventType.PROGRESS
+        )
     conn.execute(
         sa.text(
             "INSERT INTO checkpoints (task_id, step_index, state, attempt, started_at) "

@@ -63,3 +63,13 @@ def llm_tools(ctx: StepContext, state: Any):
 def bad_output(ctx: StepContext, state: Any):
     """Returns a result that is not JSON."""
     return ctx.done({"when": object()})
+
+
+@agent("test_progress_then_compute", input_schema={"type": "object"})
+def progress_then_compute(ctx: StepContext, state: Any):
+    """Reports progress, then computes for 3 s without touching its context."""
+    import time
+
+    ctx.progress(1, 2, "computing")
+    time.sleep(3.0)
+    return ctx.done({"computed": True})

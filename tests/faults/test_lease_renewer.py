@@ -69,9 +69,7 @@ def test_a_worker_whose_renewals_stop_loses_the_lease_and_its_late_checkpoint_is
     task = api.create("calls", {"url": ledger.url + "/calls", "calls": 1})
     watcher.track(task["id"])
     first = ledger.wait_in_flight(task["id"], step=0)
-    (leased,) = query(
-        database_url, "SELECT lease_token FROM tasks WHERE id = :t", t=task["id"]
-    )
+    (leased,) = query(database_url, "SELECT lease_token FROM tasks WHERE id = :t", t=task["id"])
 
     # When the worker running the step stops renewing (its processes paused) past the lease
     zombie = procs.holder_of(first)
@@ -84,9 +82,7 @@ def test_a_worker_whose_renewals_stop_loses_the_lease_and_its_late_checkpoint_is
     finally:
         # When the paused worker resumes: its renewer and its step find the lease gone
         zombie.signal_group(signal.SIGCONT)
-    wait_until(
-        lambda: "'discarded'" in zombie.log_text(), 30, what="the zombie's step discarded"
-    )
+    wait_until(lambda: "'discarded'" in zombie.log_text(), 30, what="the zombie's step discarded")
     time.sleep(1.0)
 
     # Then the zombie's checkpoint never landed: one checkpoint and one step event, the
