@@ -20,7 +20,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from celery.signals import task_postrun, worker_process_init
+from celery.signals import task_postrun, worker_init, worker_process_init
 
 FRAMES = 12
 _count = 0
@@ -30,6 +30,35 @@ _count = 0
 def _start_tracing(**_: object) -> None:
     if os.environ.get("MEMTRACE_DIR"):
         tracemalloc.start(FRAMES)
+
+
+@worker_init.connect
+def _trace_the_main_process(**_: object) -> None:
+    """In a pool's main process (the consumer): trace, and write a snapshot each time
+    the driver asks (a ``main-N.req`` file in ``MEMTRACE_MAIN_DIR``)."""
+    out = os.environ.get("MEMTRACE_MAIN_DIR")
+    if not out:
+        return
+    import threading
+
+    tracemalloc.start(FRAMES)
+
+    def serve() -> None:
+        import psutil
+
+        done: set[str] = set()
+        while True:
+            time.sleep(0.5)
+            for req in sorted(Path(out).glob("main-*.req")):
+                if req.name in done:
+                    continue
+                done.add(req.name)
+                rss = psutil.Process().memory_info().rss
+                n = int(req.stem.split("-")[1])
+                path = Path(out) / f"{os.getpid()}-{n:07d}-{rss}.snap"
+                tracemalloc.take_snapshot().dump(str(path))
+
+    threading.Thread(target=serve, name="memtrace", daemon=True).start()
 
 
 @task_postrun.connect
@@ -81,11 +110,63 @@ def compare(snapshots: list[Path], top: int = 15) -> str:
     return "\n".join(lines)
 
 
+def group_memory(pid: int) -> dict[str, tuple[int, int]]:
+    """``{process: (RSS, USS)}`` for the worker's processes: the supervisor, each pool's
+    main process and the pool children (USS: pages no other process shares, so
+    copy-on-write of memory inherited at fork shows as it happens)."""
+    import psutil
+
+    out = {}
+    depth_names = ("supervisor", "pool main", "pool child")
+
+    def walk(proc: psutil.Process, depth: int) -> None:
+        try:
+            info = proc.memory_full_info()
+            hint = "steps" if "steps" in " ".join(proc.cmdline()) else ""
+            children = proc.children()
+        except psutil.Error:
+            return
+        name = depth_names[min(depth, 2)]
+        out[f"{name} {proc.pid} {hint}".strip()] = (info.rss, info.uss)
+        for child in children:
+            walk(child, depth + 1)
+
+    walk(psutil.Process(pid), 0)
+    return out
+
+
+def render_memory(before: dict, after: dict, tasks: int) -> str:
+    lines = [
+        "\n| process | RSS MiB before | after | per task | USS MiB before | after | per task |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, (rss, uss) in before.items():
+        if name not in after:
+            continue
+        rss2, uss2 = after[name]
+        lines.append(
+            f"| {name} | {rss / 2**20:.1f} | {rss2 / 2**20:.1f} | {(rss2 - rss) / tasks:+.0f} B | "
+            f"{uss / 2**20:.1f} | {uss2 / 2**20:.1f} | {(uss2 - uss) / tasks:+.0f} B |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.memtrace", description=__doc__)
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--root", default=None, help="trace another checkout's worker")
+    parser.add_argument(
+        "--no-trace",
+        action="store_true",
+        help="no tracemalloc (it costs memory of its own): RSS and USS per process only",
+    )
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument(
+        "--main",
+        action="store_true",
+        help="trace the pools' main processes (the consumers) instead of the child",
+    )
     args = parser.parse_args(argv)
     from bench.infra import Infra
     from bench.outlast_side import OutlastStack
@@ -95,22 +176,54 @@ def main(argv: list[str] | None = None) -> int:
     snaps.mkdir()
     env = {
         "OUTLAST_AGENTS": "bench.memtrace",
-        "MEMTRACE_DIR": str(snaps),
+        "MEMTRACE_DIR": "" if args.no_trace or args.main else str(snaps),
+        "MEMTRACE_MAIN_DIR": str(snaps) if args.main else "",
         "MEMTRACE_WARMUP": str(args.warmup),
         "MEMTRACE_EVERY": str(max(1, args.tasks - args.warmup)),
     }
     try:
         stack = OutlastStack(
-            infra, worker_concurrency=1, env=env, code_root=args.root, name="memtrace"
+            infra,
+            worker_concurrency=args.concurrency,
+            env=env,
+            code_root=args.root,
+            name="memtrace",
         )
         stack.start_web()
         stack.start_worker()
         stack.start_beat()
         t0 = time.monotonic()
+        stack.rss_over_tasks(args.warmup, timeout=1800)
+        time.sleep(1)
+        before = group_memory(stack.workers[0].pid)
+        if args.main:
+            (snaps / f"main-{args.warmup}.req").touch()
+            time.sleep(3)
         stack.rss_over_tasks(args.tasks, timeout=1800)
-        print(f"{args.tasks} tasks in {time.monotonic() - t0:.0f} s", file=sys.stderr)
         time.sleep(2)
+        after = group_memory(stack.workers[0].pid)
+        if args.main:
+            (snaps / f"main-{stack.completed_count()}.req").touch()
+            time.sleep(5)
+        print(f"{args.tasks} tasks in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+        print(
+            f"Worker memory per process, after {args.warmup} tasks of warm-up and then "
+            f"after {args.tasks} more (one-step echo tasks):"
+        )
+        print(render_memory(before, after, args.tasks - args.warmup))
+        print()
         found = sorted(snaps.glob("*.snap"))
+        if args.main:  # one comparison per traced main process
+            for pid in sorted({p.name.split("-")[0] for p in found}):
+                print(compare(sorted(snaps.glob(f"{pid}-*.snap"))).replace("pool child", "main"))
+                print()
+            found = []
+        if args.no_trace or args.main:
+            found = []
+            stack.stop_workers()
+            stack.close()
+            infra.keep_logs = False
+            return 0
         if len(found) < 2:
             print(f"only {len(found)} snapshots written", file=sys.stderr)
             return 1
