@@ -32,12 +32,13 @@ def _start_tracing(**_: object) -> None:
         tracemalloc.start(FRAMES)
 
 
-@worker_init.connect
 def _trace_the_main_process(**_: object) -> None:
     """In a pool's main process (the consumer): trace, and write a snapshot each time
-    the driver asks (a ``main-N.req`` file in ``MEMTRACE_MAIN_DIR``)."""
+    the driver asks (a ``main-N.req`` file in ``MEMTRACE_MAIN_DIR``). Started when this
+    module is imported there (the worker imports OUTLAST_AGENTS from its own
+    ``worker_init`` handler, too late to be told of it)."""
     out = os.environ.get("MEMTRACE_MAIN_DIR")
-    if not out:
+    if not out or tracemalloc.is_tracing():
         return
     import threading
 
@@ -59,6 +60,11 @@ def _trace_the_main_process(**_: object) -> None:
                 tracemalloc.take_snapshot().dump(str(path))
 
     threading.Thread(target=serve, name="memtrace", daemon=True).start()
+
+
+if os.path.basename(sys.argv[0]) == "celery" and "worker" in sys.argv:
+    _trace_the_main_process()
+worker_init.connect(_trace_the_main_process)
 
 
 @task_postrun.connect
