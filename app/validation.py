@@ -6,11 +6,43 @@ answer against ``input_request.schema`` (``POST /input``).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
 from jsonschema import Draft202012Validator, SchemaError, validators
 from jsonschema.exceptions import ValidationError
+
+# Validators of the schemas seen, by canonical JSON (a few: one per agent version and
+# per input request shape); emptied when it would pass this many.
+_VALIDATORS_MAX = 256
+_validators: dict[str, Any] = {}
+
+
+def _validator(schema: Mapping[str, Any]) -> Any:
+    """The validator of ``schema``, or ``None`` when it is not a valid JSON Schema.
+
+    Checking a schema against its metaschema cost a fifth of a submission's time when
+    it was done for every request; a JSON schema is known by its JSON, so the check and
+    the validator are made once per schema text."""
+    try:
+        key = json.dumps(schema, sort_keys=True)
+    except (TypeError, ValueError):  # not JSON: nothing to key it by, check it each time
+        return _checked_validator(dict(schema))
+    if key not in _validators:
+        if len(_validators) >= _VALIDATORS_MAX:
+            _validators.clear()
+        _validators[key] = _checked_validator(dict(schema))
+    return _validators[key]
+
+
+def _checked_validator(schema: dict[str, Any]) -> Any:
+    validator_cls = validators.validator_for(schema, default=Draft202012Validator)
+    try:
+        validator_cls.check_schema(schema)
+    except SchemaError:
+        return None
+    return validator_cls(schema)
 
 
 def schema_errors(schema: Any, value: Any, prefix: str = "input") -> dict[str, list[str]]:
@@ -19,14 +51,11 @@ def schema_errors(schema: Any, value: Any, prefix: str = "input") -> dict[str, l
     mistake, which must not block the caller)."""
     if not isinstance(schema, Mapping):
         return {}
-    schema = dict(schema)
-    validator_cls = validators.validator_for(schema, default=Draft202012Validator)
-    try:
-        validator_cls.check_schema(schema)
-    except SchemaError:
+    validator = _validator(schema)
+    if validator is None:
         return {}
     errors: dict[str, list[str]] = {}
-    found = validator_cls(schema).iter_errors(value)
+    found = validator.iter_errors(value)
     for error in sorted(found, key=lambda e: list(map(str, e.absolute_path))):
         for path in _paths(error, prefix):
             errors.setdefault(path, []).append(_message(error))
