@@ -149,6 +149,12 @@ def _redis() -> Any:
     return _client
 
 
+def _redis_url() -> str | None:
+    from app import settings
+
+    return settings.current().redis_url
+
+
 def _field(label_values: Sequence[str], part: str | None = None) -> str:
     values = [str(v) for v in label_values]
     return json.dumps(values if part is None else [*values, part], separators=(",", ":"))
@@ -180,12 +186,16 @@ class _Pending:
         self._pid = os.getpid()
         self._cond = threading.Condition()
         self._sums: dict[tuple[str, str], int | float] = {}
+        self._redis_url: str | None = None  # where they go
         self._thread: threading.Thread | None = None
 
     def add(self, key: str, field: str, amount: int | float) -> None:
         if self._pid != os.getpid():  # a forked child does not send its parent's counts
             self._reset()
+        url = _redis_url()
         with self._cond:
+            if url != self._redis_url:  # the settings name another Redis (tests do)
+                self._sums, self._redis_url = {}, url
             self._sums[(key, field)] = self._sums.get((key, field), 0) + amount
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="metrics", daemon=True)
@@ -205,9 +215,10 @@ class _Pending:
         like a failed recording always was)."""
         if self._pid != os.getpid():
             self._reset()
+        url = _redis_url()
         with self._cond:
             sums, self._sums = self._sums, {}
-        if not sums:
+        if not sums or url != self._redis_url:  # recorded for a Redis no longer ours
             return
         try:
             pipe = _redis().pipeline(transaction=False)

@@ -195,6 +195,7 @@ class SentRows:
         self._pid = os.getpid()
         self._cond = threading.Condition()
         self._ids: list[int] = []
+        self._database: str | None = None  # whose rows they are
         self._since: float | None = None
         self._thread: threading.Thread | None = None
 
@@ -202,9 +203,18 @@ class SentRows:
         if self._pid != os.getpid():  # a forked child: the parent's ids are the parent's
             self._reset()
 
+    @staticmethod
+    def _current_database() -> str | None:
+        from app import settings
+
+        return settings.current().database_url
+
     def add(self, ids: list[int]) -> None:
         self._mine()
+        database = self._current_database()
         with self._cond:
+            if database != self._database:  # ids of another database are not ours to delete
+                self._ids, self._database = [], database
             self._ids.extend(ids)
             if self._since is None:
                 self._since = time.monotonic()
@@ -216,9 +226,14 @@ class SentRows:
             self._cond.notify()
 
     def take(self) -> list[int]:
+        """The waiting ids, for a transaction on the database they belong to (a process
+        whose settings now name another database, as tests do, drops them)."""
         self._mine()
+        database = self._current_database()
         with self._cond:
             ids, self._ids, self._since = self._ids, [], None
+            if database != self._database:
+                return []
         return ids
 
     def put_back(self, ids: list[int]) -> None:
