@@ -2,36 +2,14 @@
 
 from __future__ import annotations
 
-import re
-import sys
-from pathlib import Path
-
 import pytest
 
-from app import settings as settings_mod
-from app.engine import registry
-
-DOC = Path(__file__).resolve().parents[2] / "docs" / "agents.md"
-
-
-def example_module_source() -> str:
-    """The first Python block after "## Child tasks" (it names its own module file)."""
-    section = DOC.read_text().split("## Child tasks", 1)[1]
-    source = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    assert source.startswith("# counting_agents.py\n")
-    return source
+from tests.engine.doc_examples import register_example
 
 
 @pytest.fixture
 def counting_agents(settings, tmp_path, monkeypatch):
-    """The example saved as counting_agents.py and named in OUTLAST_AGENTS, registered
-    before the worker starts (a worker takes the steps of the versions it has then)."""
-    (tmp_path / "counting_agents.py").write_text(example_module_source())
-    monkeypatch.syspath_prepend(str(tmp_path))
-    settings_mod.configure(settings.replace(agents=(*settings.agents, "counting_agents")))
-    registry.load()
-    yield
-    sys.modules.pop("counting_agents", None)
+    yield from register_example(settings, tmp_path, monkeypatch, "Child tasks", "counting_agents")
 
 
 def test_docs_children_example_totals_the_words_and_lists_the_failed_child(

@@ -3,35 +3,15 @@ worker: a failed trip cancels its bookings, newest first, with ``<key>-undo``.""
 
 from __future__ import annotations
 
-import re
-import sys
-from pathlib import Path
-
 import pytest
 
-from app import settings as settings_mod
-from app.engine import registry
+from tests.engine.doc_examples import register_example
 from tests.engine.servers import LocalServer, json_answer
-
-DOC = Path(__file__).resolve().parents[2] / "docs" / "agents.md"
-
-
-def example_module_source() -> str:
-    """The first Python block after "## Compensations" (it names its own module file)."""
-    section = DOC.read_text().split("## Compensations", 1)[1]
-    source = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    assert source.startswith("# trip_agents.py\n")
-    return source
 
 
 @pytest.fixture
 def trip_agents(settings, tmp_path, monkeypatch):
-    (tmp_path / "trip_agents.py").write_text(example_module_source())
-    monkeypatch.syspath_prepend(str(tmp_path))
-    settings_mod.configure(settings.replace(agents=(*settings.agents, "trip_agents")))
-    registry.load()
-    yield
-    sys.modules.pop("trip_agents", None)
+    yield from register_example(settings, tmp_path, monkeypatch, "Compensations", "trip_agents")
 
 
 def test_docs_compensation_example_cancels_both_bookings_newest_first(

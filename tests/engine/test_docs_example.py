@@ -2,38 +2,17 @@
 
 from __future__ import annotations
 
-import re
-import sys
-from pathlib import Path
-
 import pytest
 
-from app import settings as settings_mod
-from app.engine import registry, sweeps
+from app.engine import sweeps
+from tests.engine.doc_examples import register_example
 from tests.engine.servers import LocalServer, json_answer
 from tests.harness import wait_until
-
-DOC = Path(__file__).resolve().parents[2] / "docs" / "agents.md"
-
-
-def example_module_source() -> str:
-    """The first Python block after "## An example" (it names its own module file)."""
-    section = DOC.read_text().split("## An example", 1)[1]
-    source = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    assert source.startswith("# greeter_agents.py\n")
-    return source
 
 
 @pytest.fixture
 def greeter_agents(settings, tmp_path, monkeypatch):
-    """The example saved as greeter_agents.py and named in OUTLAST_AGENTS, registered
-    before the worker starts (a worker takes the steps of the versions it has then)."""
-    (tmp_path / "greeter_agents.py").write_text(example_module_source())
-    monkeypatch.syspath_prepend(str(tmp_path))
-    settings_mod.configure(settings.replace(agents=(*settings.agents, "greeter_agents")))
-    registry.load()
-    yield
-    sys.modules.pop("greeter_agents", None)
+    yield from register_example(settings, tmp_path, monkeypatch, "An example", "greeter_agents")
 
 
 def test_docs_example_agent_greets_everyone_once_despite_a_failing_service(
