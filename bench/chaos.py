@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import threading
@@ -128,9 +129,11 @@ class Chaos(Soak):
     # --- set-up: servers of the run's own -----------------------------------------------------
 
     def start_servers(self) -> None:
-        os.environ.pop("DATABASE_URL", None)
-        os.environ.pop("REDIS_URL", None)
-        super().start_servers()  # embedded, since neither URL is set
+        given = {k: os.environ.pop(k) for k in ("DATABASE_URL", "REDIS_URL") if k in os.environ}
+        try:
+            super().start_servers()  # embedded, since neither URL is set
+        finally:
+            os.environ.update(given)  # (a test process may run other tests afterwards)
         with self.engine.begin() as conn:
             self.slow_tenant = tenants.create(conn, f"chaos-tarpit-{uuid.uuid4().hex[:8]}")
         self.env.update(
@@ -355,6 +358,10 @@ class Chaos(Soak):
         at = time.monotonic()
         victim.kill()
         interrupted.update(self.calls_in_progress())
+        try:  # and leases taken between the first look and the kill
+            leased.update({} if self.db_down.is_set() else self.leased_now())
+        except Exception:
+            pass
         self.workers.remove(victim)
         fault = Fault(at, "kill", victim.name, interrupted=interrupted, leased=leased)
         self.faults.append(fault)
@@ -624,7 +631,30 @@ class Chaos(Soak):
                 for f in self.faults
             )
             (twice_excused if cut else twice_unexplained).append(event_id)
-        # The tarpit tenant: each send cut at the timeout, never more than the cap at once.
+        # The tarpit tenant: each send cut at the timeout, never more than the cap at once:
+        # as the sender recorded its attempts ([claimed, claimed + duration]: a send is
+        # claimed only after the previous one's outcome was recorded, so this never shows
+        # an overlap that did not happen), and as the tarpit saw its sockets (which notices
+        # a closed one at its next poll, late when this process is starved).
+        with self.engine.connect() as conn:
+            intervals = conn.execute(
+                sa.text(
+                    "SELECT extract(epoch FROM a.attempted_at) AS start, a.duration_ms "
+                    "FROM webhook_attempts a JOIN webhook_deliveries d ON d.id = a.delivery_id "
+                    "WHERE d.tenant_id = :t AND a.duration_ms IS NOT NULL"
+                ),
+                {"t": self.slow_tenant.tenant_id},
+            ).all()
+        edges = sorted(
+            [(float(r.start), 1) for r in intervals]
+            + [(float(r.start) + r.duration_ms / 1000, -1) for r in intervals],
+            key=lambda e: (e[0], e[1]),
+        )
+        open_now = sender_max = 0
+        for _at, delta in edges:
+            open_now += delta
+            sender_max = max(sender_max, open_now)
+        longest_ms = max((r.duration_ms for r in intervals), default=None)
         now = time.monotonic()
         tarpit_conns = [
             c.seconds if c.seconds is not None else now - c.accepted
@@ -716,7 +746,10 @@ class Chaos(Soak):
                 "tasks": len(self.tarpit_tasks),
                 "deliveries": len(slow),
                 "connections": len(self.tarpit.connections),
-                "max_open_at_once": self.tarpit.max_open,
+                "attempts_recorded": len(intervals),
+                "max_in_flight_at_once": sender_max,
+                "longest_attempt_s": _round(longest_ms / 1000) if longest_ms else None,
+                "max_open_at_once_seen_by_tarpit": self.tarpit.max_open,
                 "longest_connection_s": _round(max(tarpit_conns)) if tarpit_conns else None,
                 "delivered": sum(1 for d in slow if d.status == "delivered"),
             },
@@ -749,7 +782,8 @@ class Chaos(Soak):
             and w["delivered_without_a_2xx_seen"] == 0
             and w["2xx_for_unknown_events"] == 0
             and w["2xx_twice_unexplained"] == 0,
-            "tarpit_cut_and_capped": t["max_open_at_once"] <= TARPIT_CAP
+            "tarpit_cut_and_capped": t["max_in_flight_at_once"] <= TARPIT_CAP
+            and (t["longest_attempt_s"] or 0) <= WEBHOOK_TIMEOUT + 2
             and (t["longest_connection_s"] or 0) <= WEBHOOK_TIMEOUT + 2,
             "recovery_p99_within_promise": r["recovery_s"]["p99"] is not None
             and r["recovery_s"]["p99"] <= r["promise_s"],
@@ -759,6 +793,10 @@ class Chaos(Soak):
         super().close()
         if hasattr(self, "tarpit"):
             self.tarpit.close()
+        if not self.args.keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        else:
+            print(f"servers' data and process logs kept in {self.tmp}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -782,6 +820,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--log-level", default="WARNING", help="of the stack's processes")
     parser.add_argument("--out", default="bench/results/chaos.json")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the servers' data and the process logs"
+    )
     args = parser.parse_args(argv)
     args.duration = 0  # the soak's setting; the chaos run is closed-loop
     chaos = Chaos(args)
