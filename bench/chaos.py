@@ -30,8 +30,8 @@ sends cut at the timeout and never more in flight than the tenant's cap; recover
 (kill → a live worker holds the task's lease again) against lease + reaper interval +
 2 s; slot occupancy; timer and deadline lateness.
 
-    python -m bench.chaos                                    # full size: 1,000 tasks
-    python -m bench.chaos --tasks 100 --cycle 6              # a small run, ~2-3 minutes
+    python -m bench.chaos --cycle 10 --repeat-cycle --backlog 4   # full size (1,000 tasks)
+    python -m bench.chaos --tasks 100 --cycle 6                   # a small run, ~2 minutes
 
 Prints a summary, writes JSON (``--out``), exits 1 when an invariant failed.
 """
