@@ -23,6 +23,9 @@ platform restarts a crashed dyno). Then it waits for every task to finish and re
 
 Prints a summary and writes it as JSON (``--out``); exits 1 when anything was lost,
 stuck, duplicated or regressed.
+
+``bench/chaos.py`` builds on this class: every step slot kept busy, and beat, Redis and
+PostgreSQL restarted as well as workers killed (docs/reliability.md, "The chaos run").
 """
 
 from __future__ import annotations

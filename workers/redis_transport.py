@@ -17,6 +17,14 @@ is lost: the messages are still in Redis's ``unacked`` hash, which the transport
 restores after the visibility timeout, and for a step the PostgreSQL lease decides who
 runs it anyway (the running step goes on and commits; a redelivered duplicate is
 skipped).
+
+The same path is reached by acknowledging (or rejecting) a message after its channel
+was closed that way: a thread-pool task (a webhook send, a sweep) that ends after the
+connection was lost acks through a channel whose ``connection`` is ``None``, and
+``_connparams`` raises ``AttributeError: 'NoneType' object has no attribute 'client'``,
+which ended the side pool in the chaos run (bench/chaos.py). Such an ack is skipped the
+same way: the message stays in ``unacked`` and a redelivery finds its work done (the
+delivery row, the lease and every sweep are idempotent).
 """
 
 from __future__ import annotations
@@ -26,12 +34,27 @@ from kombu.transport import redis
 TRANSPORT = "workers.redis_transport:Transport"
 
 
+def _lost(channel: redis.Channel) -> bool:
+    """The channel's connection (or its transport's client) is gone."""
+    return getattr(channel.connection, "client", None) is None
+
+
 class QoS(redis.QoS):
     def restore_unacked_once(self, stderr: object = None) -> None:
-        if getattr(self.channel.connection, "client", None) is None:
+        if _lost(self.channel):
             self._on_collect.cancel()
             return None  # the connection is gone: Redis keeps them in "unacked"
         return super().restore_unacked_once(stderr)
+
+    def ack(self, delivery_tag: str) -> None:
+        if _lost(self.channel):
+            return None  # the connection is gone: the message stays in "unacked"
+        return super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if _lost(self.channel):
+            return None  # likewise: Redis restores it after the visibility timeout
+        return super().reject(delivery_tag, requeue=requeue)
 
 
 class Channel(redis.Channel):

@@ -47,17 +47,25 @@ BATCH = 500
 
 
 def reap_expired_leases(limit: int = BATCH) -> int:
-    """Resume or fail every task whose step lease expired (its worker is presumed lost)."""
-    max_attempts = settings_mod.current().max_attempts
+    """Resume or fail every task whose step lease expired (its worker is presumed lost).
+
+    Not within one lease of the database server's start: while it was down nobody could
+    renew a lease, so every lease may have run out with its worker alive; the workers'
+    retries take their leases back within a quarter of a lease once it is up (V2.md 8: an
+    outage costs no attempt), and a lease nobody takes back is reaped a lease later.
+    """
+    cfg = settings_mod.current()
+    max_attempts = cfg.max_attempts
     with db.transaction() as conn:
         task_ids = (
             conn.execute(
                 sa.text(
                     "SELECT id FROM tasks WHERE lease_token IS NOT NULL "
                     "AND lease_expires_at < now() AND status IN ('working', 'compensating') "
+                    "AND pg_postmaster_start_time() < now() - make_interval(secs => :lease) "
                     "ORDER BY lease_expires_at LIMIT :limit FOR UPDATE SKIP LOCKED"
                 ),
-                {"limit": limit},
+                {"limit": limit, "lease": cfg.lease_seconds},
             )
             .scalars()
             .all()

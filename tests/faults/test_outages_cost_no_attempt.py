@@ -136,6 +136,49 @@ def test_a_channel_holding_an_unacked_message_closes_after_its_transport_lost_re
     assert channel.closed
 
 
+def test_acking_a_message_after_its_channel_closed_on_a_lost_redis_raises_nothing(
+    private_redis,
+):
+    """The same fault reached through an ack (seen in the chaos run, bench/chaos.py): a
+    thread-pool task that ends after Redis went away acknowledges its message through a
+    channel the lost connection closed (``channel.connection`` is ``None``). Stock kombu
+    raises ``AttributeError: 'NoneType' object has no attribute 'client'`` from
+    ``_connparams``, which ended the side pool ("Unrecoverable error"); the ack is now
+    skipped and the message stays in ``unacked``."""
+    from kombu import Connection, Exchange, Queue
+
+    from workers.redis_transport import TRANSPORT
+
+    # Given a consumer holding two unacknowledged messages
+    connection = Connection(private_redis.url, transport=TRANSPORT)
+    queue = Queue("outage-ack", Exchange("outage-ack"), "outage-ack")
+    with connection.Producer() as producer:
+        for n in range(2):
+            producer.publish(
+                {"n": n}, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue]
+            )
+    channel = connection.channel()
+    channel.basic_qos(prefetch_count=2)
+    received = []
+    consumer = connection.Consumer(
+        queue, channel=channel, callbacks=[lambda _b, m: received.append(m)]
+    )
+    consumer.consume()
+    while len(received) < 2:
+        connection.drain_events(timeout=5)
+
+    # When Redis goes away, the connection drops its transport's client and the channel
+    # is closed, and then the tasks that held the messages end
+    private_redis.stop()
+    connection._do_close_transport()
+    channel.close()
+    assert channel.connection is None
+
+    # Then acknowledging or rejecting them raises nothing
+    received[0].ack()
+    received[1].reject(requeue=True)
+
+
 def test_a_pool_that_exits_is_started_again_inside_outlast_worker(
     stack, procs, watcher, database_url
 ):
