@@ -35,10 +35,11 @@ DID = {
     ),
     "expire_keys": ("forgot %d expired idempotency key", "forgot %d expired idempotency keys"),
     "purge": ("purged %d task past retention", "purged %d tasks past retention"),
+    "webhooks": ("queued %d due webhook delivery", "queued %d due webhook deliveries"),
 }
 
 
-def _sweep(name: str, work: Callable[[], int]) -> int:
+def run_sweep(name: str, work: Callable[[], int]) -> int:
     """Run one sweep; a database outage is logged, not raised (beat tries again soon)."""
     try:
         done = work()
@@ -58,46 +59,46 @@ def _sweep(name: str, work: Callable[[], int]) -> int:
 @shared_task(name=messages.SWEEP_REAP, ignore_result=True)
 def reap() -> int:
     """Beat: the stuck-task reaper."""
-    return _sweep("reap", sweeps.reap_expired_leases)
+    return run_sweep("reap", sweeps.reap_expired_leases)
 
 
 @shared_task(name=messages.SWEEP_RELAY_OUTBOX, ignore_result=True)
 def relay_outbox() -> int:
     """Beat: publish outbox rows the fast path left behind."""
-    return _sweep("relay_outbox", outbox.relay_due)
+    return run_sweep("relay_outbox", outbox.relay_due)
 
 
 @shared_task(name=messages.SWEEP_WAKE_TIMERS, ignore_result=True)
 def wake_timers() -> int:
     """Beat: wake due timers."""
-    return _sweep("wake_timers", sweeps.wake_due_timers)
+    return run_sweep("wake_timers", sweeps.wake_due_timers)
 
 
 @shared_task(name=messages.SWEEP_WAKE_PARENTS, ignore_result=True)
 def wake_parents() -> int:
     """Beat: the backstop of child tasks' wake-ups."""
-    return _sweep("wake_parents", sweeps.wake_waiting_parents)
+    return run_sweep("wake_parents", sweeps.wake_waiting_parents)
 
 
 @shared_task(name=messages.SWEEP_EXPIRE_DEADLINES, ignore_result=True)
 def expire_deadlines() -> int:
     """Beat: the task deadline."""
-    return _sweep("expire_deadlines", sweeps.expire_task_deadlines)
+    return run_sweep("expire_deadlines", sweeps.expire_task_deadlines)
 
 
 @shared_task(name=messages.SWEEP_REDISPATCH_LOST, ignore_result=True)
 def redispatch_lost() -> int:
     """Beat: re-send lost step messages."""
-    return _sweep("redispatch_lost", sweeps.redispatch_lost_messages)
+    return run_sweep("redispatch_lost", sweeps.redispatch_lost_messages)
 
 
 @shared_task(name=messages.SWEEP_EXPIRE_KEYS, ignore_result=True)
 def expire_keys() -> int:
     """Beat: expire Idempotency-Keys."""
-    return _sweep("expire_keys", sweeps.expire_idempotency_keys)
+    return run_sweep("expire_keys", sweeps.expire_idempotency_keys)
 
 
 @shared_task(name=messages.SWEEP_PURGE, ignore_result=True)
 def purge() -> int:
     """Beat: the retention purge."""
-    return _sweep("purge", sweeps.purge_old_tasks)
+    return run_sweep("purge", sweeps.purge_old_tasks)

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import logging
 
+from app import settings as settings_mod
+from app.store import db
 from tasks import sweeps as sweep_tasks
+from tasks import webhooks as webhook_tasks
+from tests.api.conftest import closed_port_url
 from tests.engine.test_sweeps import take_lease_and_vanish
 
 SWEEP_TASKS = (
@@ -17,6 +21,8 @@ SWEEP_TASKS = (
     sweep_tasks.redispatch_lost,
     sweep_tasks.expire_keys,
     sweep_tasks.purge,
+    sweep_tasks.wake_parents,
+    webhook_tasks.sweep_webhooks,
 )
 
 
@@ -56,3 +62,25 @@ def test_one_thing_done_is_said_in_the_singular(flask_app, tasks, caplog):
     sweep_tasks.reap()
 
     assert _said(caplog, logging.INFO) == ["reaped 1 expired lease"]
+
+
+def test_with_the_database_down_sweeps_and_deliveries_warn_once_and_raise_nothing(settings, caplog):
+    # Given a database that refuses connections (nothing listens on its port)
+    settings_mod.configure(settings.replace(database_url=closed_port_url()))
+    db.dispose()
+    caplog.set_level(logging.INFO)
+    try:
+        # When every sweep runs, and a webhook delivery is attempted
+        done = [sweep() for sweep in SWEEP_TASKS]
+        delivery = webhook_tasks.deliver_webhook("dlv_during_outage")
+    finally:
+        db.dispose()
+        settings_mod.configure(settings)
+
+    # Then nothing was done and nothing raised: one warning each, no traceback
+    assert done == [0] * len(SWEEP_TASKS) and delivery == "postponed"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == len(SWEEP_TASKS) + 1
+    assert all("database unavailable" in r.getMessage() and not r.exc_info for r in warnings)
+    assert "dlv_during_outage" in warnings[-1].getMessage()
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
