@@ -31,13 +31,14 @@ When nothing is owed any more the task moves to ``failed`` (keeping its ``error`
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import threading
 from typing import Any
 
 from app import settings as settings_mod
 from app.engine.context import is_transient
+from app.engine.lease import LeaseKeeper
 from app.engine.tools import get_tool
 from app.ops import logs, metrics
 from app.store import compensation as undo_log
@@ -78,42 +79,10 @@ def undo_delay(tries_done: int, cfg: settings_mod.Settings) -> float:
     return Backoff(base=cfg.step_retry_base_seconds, cap=600.0).delay(tries_done)
 
 
-class _UndoLease:
-    """Renews the undo step's lease every lease/3 s from a thread; ``lost`` is set
-    once a renewal matches nothing (reaped after a pause, or finished elsewhere)."""
-
-    def __init__(self, task_id: str, token: str, lease_seconds: float):
-        self.task_id = task_id
-        self.token = token
-        self.lease_seconds = lease_seconds
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"undo-{task_id}", daemon=True)
-
-    def __enter__(self) -> _UndoLease:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(max(0.1, self.lease_seconds / 3)):
-            try:
-                with db.transaction() as conn:
-                    if not lifecycle.renew_undo_lease(
-                        conn, self.task_id, self.token, self.lease_seconds
-                    ):
-                        self.lost.set()
-                        return
-            except Exception as exc:  # the database may be back before the lease runs out
-                log.warning("undo lease renewal of %s failed: %s", self.task_id, exc)
-
-    def check(self) -> None:
-        """What a tool's ``call.check_cancelled`` does during an undo."""
-        if self.lost.is_set():
-            raise Cancelled("this undo step lost its lease")
+def _raise_if_lost(lease: LeaseKeeper) -> None:
+    """What a tool's ``call.check_cancelled`` does during an undo."""
+    if lease.lost.is_set():
+        raise Cancelled("this undo step lost its lease")
 
 
 def run_undo_step(task_id: str, step: int, held_token: str | None = None) -> str:
@@ -135,7 +104,8 @@ def run_undo_step(task_id: str, step: int, held_token: str | None = None) -> str
         return "skipped"
     logs.bind(agent=task["agent"], agent_version=task["agent_version"], attempt=task["attempt"])
     try:
-        with _UndoLease(task_id, token, cfg.lease_seconds) as lease:
+        # Renewed by the process's lease renewer, fenced on ``compensating``.
+        with LeaseKeeper(task_id, token, cfg.lease_seconds, None, status="compensating") as lease:
             return _undo_owed(task_id, token, lease, cfg)
     except Exception as exc:
         if db_errors.is_database_unavailable(exc):
@@ -144,7 +114,7 @@ def run_undo_step(task_id: str, step: int, held_token: str | None = None) -> str
         return _later(task_id, token, BROKEN_RETRY_SECONDS)
 
 
-def _undo_owed(task_id: str, token: str, lease: _UndoLease, cfg: settings_mod.Settings) -> str:
+def _undo_owed(task_id: str, token: str, lease: LeaseKeeper, cfg: settings_mod.Settings) -> str:
     """Undo what is owed, newest first, until nothing is (then finish) or an undo must
     wait for its next try."""
     while True:
@@ -164,7 +134,7 @@ def _undo_owed(task_id: str, token: str, lease: _UndoLease, cfg: settings_mod.Se
 
 
 def _undo_one(
-    task_id: str, token: str, lease: _UndoLease, owed: Any, cfg: settings_mod.Settings
+    task_id: str, token: str, lease: LeaseKeeper, owed: Any, cfg: settings_mod.Settings
 ) -> str | None:
     """Make one undo; ``None`` to go on with the next, else the step's outcome."""
     name = owed["compensate"]
@@ -191,7 +161,7 @@ def _undo_one(
         index=owed["call_index"],
         key=where["key"],
         attempt=started["attempts"],
-        check_cancelled=lease.check,
+        check_cancelled=functools.partial(_raise_if_lost, lease),
     )
     log.info(
         "undoing %s call %d of step %d with %s (try %d)",

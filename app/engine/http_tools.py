@@ -234,31 +234,7 @@ def http_post(
     """POST ``json`` with ``Idempotency-Key: <the call's key>``; 5xx answers and
     connection errors are retried here with the same key (then the step is retried).
     Returns ``{"status", "body"}``; a 4xx answer is returned, not raised."""
-    shown = redact_text(url)  # errors are stored and logged: no credential in them
-    try:
-        _guard(url)
-    except urlguard.UnsafeUrl as exc:
-        raise AgentError(f"http_post refused {shown}: {exc}") from None
-    sent_headers = {"User-Agent": USER_AGENT, **(headers or {}), "Idempotency-Key": call.key}
-    problem = ""
-    with _session() as session:
-        for attempt in range(1, attempts + 1):
-            call.check_cancelled()
-            try:
-                response = session.post(
-                    url, json=json, headers=sent_headers, timeout=timeout, allow_redirects=False
-                )
-            except urlguard.UnsafeUrl as exc:  # the connect-time guard: final, not retried
-                raise AgentError(f"http_post refused {shown}: {exc}") from None
-            except requests.RequestException as exc:
-                problem = redact_text(f"{type(exc).__name__}: {exc}")
-            else:
-                if response.status_code < 500:
-                    return {"status": response.status_code, "body": _body(response)}
-                problem = f"HTTP {response.status_code}"
-            if attempt < attempts:
-                time.sleep(POST_RETRY.delay(attempt))
-    raise TransientToolError(f"POST {shown} failed {attempts} times: {problem}")
+    return _send_keyed(call, "POST", url, json, headers, timeout, attempts)
 
 
 def http_delete(
@@ -268,31 +244,51 @@ def http_delete(
     V2.md 10): retried like :func:`http_post` on 5xx answers and connection errors,
     then :class:`TransientToolError`. Returns ``{"status", "body"}`` for any answer
     below 500 (the caller decides what a 4xx means)."""
-    shown = redact_text(url)
+    return _send_keyed(call, "DELETE", url, json, None, timeout, POST_ATTEMPTS)
+
+
+def _send_keyed(
+    call: ToolCall,
+    method: str,
+    url: str,
+    json: Any,
+    headers: dict[str, str] | None,
+    timeout: float,
+    attempts: int,
+) -> dict[str, Any]:
+    """One keyed request, tried up to ``attempts`` times on 5xx answers and connection
+    errors with the same key (the SSRF guard's refusals are final)."""
+    shown = redact_text(url)  # errors are stored and logged: no credential in them
+    refused = f"http_{method.lower()} refused {shown}"
     try:
         _guard(url)
     except urlguard.UnsafeUrl as exc:
-        raise AgentError(f"http_delete refused {shown}: {exc}") from None
-    headers = {"User-Agent": USER_AGENT, "Idempotency-Key": call.key}
+        raise AgentError(f"{refused}: {exc}") from None
+    sent_headers = {"User-Agent": USER_AGENT, **(headers or {}), "Idempotency-Key": call.key}
     problem = ""
     with _session() as session:
-        for attempt in range(1, POST_ATTEMPTS + 1):
+        for attempt in range(1, attempts + 1):
             call.check_cancelled()
             try:
-                response = session.delete(
-                    url, json=json, headers=headers, timeout=timeout, allow_redirects=False
+                response = session.request(
+                    method,
+                    url,
+                    json=json,
+                    headers=sent_headers,
+                    timeout=timeout,
+                    allow_redirects=False,
                 )
-            except urlguard.UnsafeUrl as exc:
-                raise AgentError(f"http_delete refused {shown}: {exc}") from None
+            except urlguard.UnsafeUrl as exc:  # the connect-time guard: final, not retried
+                raise AgentError(f"{refused}: {exc}") from None
             except requests.RequestException as exc:
                 problem = redact_text(f"{type(exc).__name__}: {exc}")
             else:
                 if response.status_code < 500:
                     return {"status": response.status_code, "body": _body(response)}
                 problem = f"HTTP {response.status_code}"
-            if attempt < POST_ATTEMPTS:
+            if attempt < attempts:
                 time.sleep(POST_RETRY.delay(attempt))
-    raise TransientToolError(f"DELETE {shown} failed {POST_ATTEMPTS} times: {problem}")
+    raise TransientToolError(f"{method} {shown} failed {attempts} times: {problem}")
 
 
 def _body(response: requests.Response) -> Any:

@@ -29,12 +29,14 @@ PROGRESS_FLUSH_SECONDS = 1.0
 
 # One statement renews every due lease of this process; a lease renewed when it did not
 # match (cancelled, failed, reaped, finished) is lost. Same fence as a single renewal:
-# the token and ``working``.
+# the token and the status the lease was taken in (``working``, or ``compensating`` for
+# an undo step).
 _RENEW_LEASES = sa.text(
     "UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => l.lease) "
     "FROM unnest(CAST(:ids AS text[]), CAST(:tokens AS text[]), "
-    "CAST(:leases AS double precision[])) AS l(id, token, lease) "
-    "WHERE t.id = l.id AND t.lease_token = l.token AND t.status = 'working' "
+    "CAST(:leases AS double precision[]), CAST(:statuses AS text[])) "
+    "AS l(id, token, lease, status) "
+    "WHERE t.id = l.id AND t.lease_token = l.token AND t.status::text = l.status "
     "RETURNING t.lease_token"
 )
 
@@ -45,16 +47,24 @@ class LeaseKeeper:
 
     It is also the step's cancellation signal: a renewal that matches no row (the task
     was cancelled, failed or reaped) marks the lease lost, and a passed deadline fails
-    the task with ``timeout`` at once, fenced on the lease.
+    the task with ``timeout`` at once, fenced on the lease. ``status`` is the status the
+    lease is fenced on: ``working`` for a step, ``compensating`` for an undo step (which
+    has no deadline and reports no progress).
     """
 
     def __init__(
-        self, task_id: str, token: str, lease_seconds: float, deadline_at: datetime | None
+        self,
+        task_id: str,
+        token: str,
+        lease_seconds: float,
+        deadline_at: datetime | None,
+        status: str = "working",
     ):
         self.task_id = task_id
         self.token = token
         self.lease_seconds = lease_seconds
         self.deadline_at = deadline_at
+        self.status = status
         self.lost = threading.Event()
         self.interval = max(0.1, lease_seconds / 3)
         self.renew_at = time.monotonic() + self.interval
@@ -88,9 +98,9 @@ class LeaseKeeper:
             still = conn.execute(
                 sa.text(
                     "SELECT 1 FROM tasks WHERE id = :id AND lease_token = :token "
-                    "AND status = 'working' AND lease_expires_at > now()"
+                    "AND status::text = :status AND lease_expires_at > now()"
                 ),
-                {"id": self.task_id, "token": self.token},
+                {"id": self.task_id, "token": self.token, "status": self.status},
             ).first()
         if still is None:
             self.lost.set()
@@ -254,6 +264,7 @@ class Renewer:
                             "ids": [k.task_id for k in keepers],
                             "tokens": [k.token for k in keepers],
                             "leases": [float(k.lease_seconds) for k in keepers],
+                            "statuses": [k.status for k in keepers],
                         },
                     ).scalars()
                 )

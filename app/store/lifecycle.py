@@ -282,18 +282,6 @@ def acquire_lease(
     return row
 
 
-def renew_lease(conn: Connection, task_id: str, token: str, lease_seconds: float) -> bool:
-    """Extend a held lease; ``False`` means it is lost (cancelled, reaped, or finished)."""
-    result = conn.execute(
-        sa.text(
-            "UPDATE tasks SET lease_expires_at = now() + make_interval(secs => :lease) "
-            "WHERE id = :task_id AND lease_token = :token AND status = 'working'"
-        ),
-        {"task_id": task_id, "token": token, "lease": lease_seconds},
-    )
-    return result.rowcount == 1
-
-
 def report_progress(
     conn: Connection, task_id: str, token: str, progress: Mapping[str, Any]
 ) -> RowMapping | None:
@@ -778,18 +766,6 @@ def acquire_undo_lease(
         params={"step": step, "token": token, "lease": lease_seconds, "previous": previous_token},
         events=0,
     )
-
-
-def renew_undo_lease(conn: Connection, task_id: str, token: str, lease_seconds: float) -> bool:
-    """Extend the lease of a compensating task's undo step; ``False``: it is lost."""
-    result = conn.execute(
-        sa.text(
-            "UPDATE tasks SET lease_expires_at = now() + make_interval(secs => :lease) "
-            "WHERE id = :task_id AND lease_token = :token AND status = 'compensating'"
-        ),
-        {"task_id": task_id, "token": token, "lease": lease_seconds},
-    )
-    return result.rowcount == 1
 
 
 def retry_undo_later(
