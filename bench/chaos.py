@@ -201,34 +201,10 @@ class Chaos(Soak):
                 time.sleep(0.2)
                 continue
             for _ in range(min(target - runnable, self.args.tasks - i)):
-                self.submit_one(session, i, self.task_spec(i), f"chaos-{i}")
+                self.submit_one(session, i, self.task_spec(i), f"chaos-{i}", tries=120)
                 i += 1
             self.submitted = i
         self.submitted = i
-
-    def submit_one(self, session: requests.Session, i: int, body: dict, key: str) -> None:
-        for _attempt in range(120):
-            try:
-                response = session.post(
-                    self.base_url + "/v1/tasks",
-                    json=body,
-                    headers={"Idempotency-Key": key},
-                    timeout=15,
-                )
-            except requests.RequestException as exc:
-                self.submit_errors[type(exc).__name__] += 1
-                time.sleep(0.5)
-                continue
-            if response.status_code == 202:
-                task_id = response.json()["id"]
-                with self.lock:
-                    self.accepted[task_id] = body
-                if i % 20 == 0:
-                    self.watcher.track(task_id)
-                return
-            self.submit_errors[str(response.status_code)] += 1
-            time.sleep(0.5)
-        self.submit_errors["gave_up"] += 1
 
     def tarpit_loop(self) -> None:
         """The other tenant: an echo task every few seconds, its webhooks to the tarpit."""

@@ -213,30 +213,36 @@ class Soak:
             due = started + spread * i / max(1, self.args.tasks)
             time.sleep(max(0.0, due - time.monotonic()))
             body = self.task_spec(i)
-            key = f"soak-{i}"
-            for _attempt in range(30):
-                try:
-                    response = session.post(
-                        self.base_url + "/v1/tasks",
-                        json=body,
-                        headers={"Idempotency-Key": key},
-                        timeout=15,
-                    )
-                except requests.RequestException as exc:
-                    self.submit_errors[type(exc).__name__] += 1
-                    time.sleep(0.5)
-                    continue
-                if response.status_code == 202:
-                    task_id = response.json()["id"]
-                    with self.lock:
-                        self.accepted[task_id] = body
-                    if i % 20 == 0:  # a sample is also watched through the API
-                        self.watcher.track(task_id)
-                    break
-                self.submit_errors[str(response.status_code)] += 1
+            self.submit_one(session, i, body, f"soak-{i}")
+
+    def submit_one(
+        self, session: requests.Session, i: int, body: dict, key: str, tries: int = 30
+    ) -> None:
+        """Submit task ``i``, retrying with the same Idempotency-Key on an error or a
+        non-202 answer (as a careful client does); every 20th is also watched through the
+        API."""
+        for _attempt in range(tries):
+            try:
+                response = session.post(
+                    self.base_url + "/v1/tasks",
+                    json=body,
+                    headers={"Idempotency-Key": key},
+                    timeout=15,
+                )
+            except requests.RequestException as exc:
+                self.submit_errors[type(exc).__name__] += 1
                 time.sleep(0.5)
-            else:
-                self.submit_errors["gave_up"] += 1
+                continue
+            if response.status_code == 202:
+                task_id = response.json()["id"]
+                with self.lock:
+                    self.accepted[task_id] = body
+                if i % 20 == 0:  # a sample is also watched through the API
+                    self.watcher.track(task_id)
+                return
+            self.submit_errors[str(response.status_code)] += 1
+            time.sleep(0.5)
+        self.submit_errors["gave_up"] += 1
 
     # --- the killer and the monitor ------------------------------------------------------------
 
