@@ -345,8 +345,11 @@ READY_TIMEOUT = 120.0
 _ROOT_WARNING_FILTER = "ignore:You're running the worker with superuser privileges"
 
 
-class _Stop(Exception):
-    """A signal asked ``outlast up`` to stop."""
+class _Stop(BaseException):
+    """A signal asked ``outlast up`` to stop. A ``BaseException``, as ``KeyboardInterrupt``
+    is: the handler raises it wherever the main thread is, and a start-up probe's
+    ``except Exception`` (the worker ping, while the API already answers) must not
+    swallow it; a Ctrl-C there was lost and the stack kept running."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
