@@ -250,7 +250,11 @@ def test_outlast_up_on_embedded_servers_serves_then_stops_everything(outside_pyt
         assert len(descendants) >= 3  # web, worker, beat (and their children)
     finally:
         up.signal_group(signal.SIGINT)
-        up.process.wait(60)
+        try:
+            up.process.wait(60)
+        except subprocess.TimeoutExpired:
+            up.signal_group(signal.SIGKILL)  # its warden then stops the rest
+            pytest.fail(f"outlast up did not stop within 60 s of a Ctrl-C:\n{up.log_text()}")
     assert up.process.returncode == 0, up.log_text()
     wait_until(lambda: not any(_exists(p) for p in descendants), 30, what="children gone")
     assert not group_members(up.pid)

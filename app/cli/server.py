@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -346,14 +348,47 @@ _ROOT_WARNING_FILTER = "ignore:You're running the worker with superuser privileg
 
 
 class _Stop(BaseException):
-    """A signal asked ``outlast up`` to stop. A ``BaseException``, as ``KeyboardInterrupt``
-    is: the handler raises it wherever the main thread is, and a start-up probe's
-    ``except Exception`` (the worker ping, while the API already answers) must not
-    swallow it; a Ctrl-C there was lost and the stack kept running."""
+    """``outlast up`` was asked to stop. A ``BaseException``, as ``KeyboardInterrupt``
+    is: a start-up probe's ``except Exception`` must not swallow it."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+class _StopSignals:
+    """The handler of SIGINT, SIGTERM and SIGHUP: it records the signal, and
+    :meth:`check` (between start-up steps and every 0.2 s while waiting) raises
+    :class:`_Stop`.
+
+    The handler does not raise itself: Python runs a handler wherever the main thread
+    is, and where that is a weakref callback or a ``__del__`` (the garbage collector
+    runs them at any allocation), an exception is printed as "Exception ignored in" and
+    dropped. A Ctrl-C was lost that way, right after the API answered, and the stack
+    kept running. A second signal raises at once (a start-up step that will not end),
+    except inside :meth:`held` (pg_ctl's start: stopping half-way leaves a server)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._holding = False
+
+    def __call__(self, signum: int, _frame: Any) -> None:
+        again = self.signum is not None
+        self.signum = self.signum or signum
+        if again and not self._holding:
+            raise _Stop(signum)
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise _Stop(self.signum)
+
+    @contextlib.contextmanager
+    def held(self):
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
 
 
 class _Output:
@@ -488,11 +523,12 @@ def _first_exited(children: list[ManagedProcess]) -> ManagedProcess | None:
     return next((c for c in children if not c.alive()), None)
 
 
-def _wait_for(children: list[ManagedProcess], ready, what: str) -> str | None:
+def _wait_for(stop: _StopSignals, children: list[ManagedProcess], ready, what: str) -> str | None:
     """Poll ``ready`` until it holds (``None``), a child exits or READY_TIMEOUT passes
-    (``what`` it was waiting for)."""
+    (``what`` it was waiting for); raises :class:`_Stop` once a signal asked for it."""
     deadline = time.monotonic() + READY_TIMEOUT
     while not ready():
+        stop.check()
         if _first_exited(children) or time.monotonic() > deadline:
             return what
         time.sleep(0.2)
@@ -569,17 +605,9 @@ def _run_stack(
     warden = Warden(GRACE_SECONDS, keep_fds=[lock.fileno()])
     children: list[ManagedProcess] = []
     embedded: list = []
-    deferred: list[int] = []
-    critical = False  # inside pg_ctl's start: a signal waits until it is over
-
-    def on_signal(signum, _frame):
-        if critical:
-            deferred.append(signum)
-            return
-        raise _Stop(signum)
-
+    stop = _StopSignals()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+        signal.signal(sig, stop)
     status = 0
     try:
         if not cfg.database_url:
@@ -587,23 +615,21 @@ def _run_stack(
             pg = EmbeddedPostgres(var / "postgres")
             warden.watch_postgres(pg.data_dir)
             embedded.append(pg)
-            critical = True
-            try:
+            with stop.held():
                 env["DATABASE_URL"] = pg.start()
-            finally:
-                critical = False
-            if deferred:
-                raise _Stop(deferred[0])
+            stop.check()
         if not cfg.redis_url:
             out.log("starting embedded Redis")
             redis = EmbeddedRedis(var / "redis", on_fork=warden.registrar("service"))
             embedded.append(redis)
             env["REDIS_URL"] = redis.start()
+            stop.check()
         settings.configure(settings.Settings.from_env(env))
         out.log("running migrations")
         db.upgrade()
         api_key = _dev_api_key(var)
         db.dispose()
+        stop.check()
         # API.md's two lines, as soon as they are known (scripts read them); the rest of
         # what to do comes once everything is ready.
         out.say(f"OUTLAST_URL={url}")
@@ -617,9 +643,9 @@ def _run_stack(
         for name in ("web", "worker", "beat"):
             start(name, env)
         # Ready means a first task runs at once: the API answers and a worker listens.
-        waiting = _wait_for(children, lambda: _ready(url), "the API to answer /readyz")
+        waiting = _wait_for(stop, children, lambda: _ready(url), "the API to answer /readyz")
         waiting = waiting or _wait_for(
-            children, lambda: _worker_answers(env["REDIS_URL"]), "a worker to answer a ping"
+            stop, children, lambda: _worker_answers(env["REDIS_URL"]), "a worker to answer a ping"
         )
         flower_url = flower_auth = None
         if not waiting and with_flower:
@@ -630,7 +656,7 @@ def _run_stack(
                 "flower",
                 {**env, "PORT": str(flower_port), "OUTLAST_FLOWER_BASIC_AUTH": flower_auth},
             )
-            waiting = _wait_for(children, lambda: _listens(flower_port), "Flower to listen")
+            waiting = _wait_for(stop, children, lambda: _listens(flower_port), "Flower to listen")
         failed = _first_exited(children)
         if waiting and failed is None:
             out.log(f"gave up after {READY_TIMEOUT:.0f} s waiting for {waiting}", logging.ERROR)
@@ -638,6 +664,7 @@ def _run_stack(
         elif failed is None:
             _banner(out, url, api_key, var, flower_url, flower_auth)
             while failed is None:
+                stop.check()
                 time.sleep(0.2)
                 failed = _first_exited(children)
         if failed is not None:
@@ -646,11 +673,14 @@ def _run_stack(
                 logging.ERROR,
             )
             status = 1
-    except _Stop as stop:
-        out.log(f"{stop} received; stopping")
-    except Exception as exc:  # a start-up step failed: say which, then stop what started
-        out.log(f"outlast up could not start: {exc!r}", logging.ERROR)
-        status = 1
+    except _Stop as stopped:
+        out.log(f"{stopped} received; stopping")
+    except Exception as exc:
+        if stop.signum is not None:  # a step that the signal reached too (Ctrl-C: initdb)
+            out.log(f"{signal.Signals(stop.signum).name} received; stopping")
+        else:  # a start-up step failed: say which, then stop what started
+            out.log(f"outlast up could not start: {exc!r}", logging.ERROR)
+            status = 1
     finally:
         _stop_stack(out, warden, children, embedded)
         lock.release()
