@@ -37,7 +37,7 @@ import sqlalchemy as sa
 from celery.exceptions import SoftTimeLimitExceeded
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
-from sqlalchemy.engine import Connection, RowMapping
+from sqlalchemy.engine import RowMapping
 
 from app import settings as settings_mod
 from app.engine import children, compensation, registry
@@ -106,30 +106,32 @@ def run_step(task_id: str, step: int, held_token: str | None = None) -> str:
     """
     cfg = settings_mod.current()
     token = ids.new_token()
-    deleted: list[int] = []
+    # The rows of messages this process sent since its last step are deleted by this
+    # lease's round trip rather than by a commit of their own.
+    deleted = outbox.sent_rows.take()
     try:
         with db.transaction() as conn:
             task = lifecycle.acquire_lease(
-                conn, task_id, step, token, cfg.lease_seconds, previous_token=held_token
+                conn,
+                task_id,
+                step,
+                token,
+                cfg.lease_seconds,
+                previous_token=held_token,
+                delete_outbox=deleted,
             )
             plan = None
             if task is not None:
                 plan = registry.resolve(task["agent"], task["agent_version"])
                 if plan is None:
                     raise _NotRunnableHere(task["agent"], task["agent_version"])
-            # The rows of messages this process sent since its last step are deleted by
-            # this commit rather than by one of their own, in the round trip that reads
-            # the previous checkpoint (which never changes once written; a migration
-            # rewrites it under the lease).
-            deleted = outbox.sent_rows.take()
-            state = _previous_state(conn, task_id, step, deleted) if task is not None else None
-            if task is None and deleted:
-                outbox.delete_rows(conn, deleted)
     except _NotRunnableHere as missing:
+        outbox.sent_rows.put_back(deleted)  # rolled back with the lease
         return _leave_for_its_version(task_id, step, missing.agent, missing.version)
     except BaseException:
         outbox.sent_rows.put_back(deleted)
         raise
+    state = task["previous_state"] if task is not None else None
     if task is None:  # a compensating task's undos are steps too (V2.md 5)
         try:
             return compensation.run_undo_step(task_id, step, held_token)
@@ -328,25 +330,6 @@ def _budget_exhausted(task_id: str, token: str, budget: Any, exc: BudgetExhauste
     return _with_db_retries(work)
 
 
-_READ_CHECKPOINT = "SELECT state FROM checkpoints WHERE task_id = :id AND step_index = :step"
-_read_checkpoint = sa.text(_READ_CHECKPOINT)
-# psycopg2 sends both as one query string; the result is the SELECT's.
-_delete_sent_and_read_checkpoint = sa.text(f"{outbox.DELETE_ROWS_SQL}; {_READ_CHECKPOINT}")
-
-
-def _previous_state(conn: Connection, task_id: str, step: int, sent: list[int]) -> Any:
-    """The previous step's checkpoint (``None`` before step 0), deleting the outbox rows
-    ``sent`` in the same round trip."""
-    if step == 0:
-        if sent:
-            outbox.delete_rows(conn, sent)
-        return None
-    params = {"id": task_id, "step": step - 1, "ids": sent}
-    return conn.execute(
-        _delete_sent_and_read_checkpoint if sent else _read_checkpoint, params
-    ).scalar()
-
-
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return (text if text else type(exc).__name__)[:2000]
@@ -451,12 +434,9 @@ def _commit(
             common["progress"] = progress
             if isinstance(outcome, Continue):
                 row = lifecycle.commit_step(
-                    conn, task_id, step, token, state=outcome.state, **common
+                    conn, task_id, step, token, state=outcome.state, send_next=True, **common
                 )
-                if row is None:
-                    return "discarded"
-                outbox.add_step(conn, task_id, step + 1)
-                return "continued"
+                return "continued" if row is not None else "discarded"
             if isinstance(outcome, Done):
                 row = lifecycle.commit_step(
                     conn, task_id, step, token, state=None, dispatch=False, **common

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -118,32 +118,55 @@ def append_event(
     Creates a webhook delivery in the same transaction when the event is one that
     webhooks carry and the task has a ``webhook_url``.
     """
-    event_id = ids.new_id("evt")
-    data = {**(extra or {}), "task": event_task_json(task)}
-    row = (
-        conn.execute(
-            sa.text(
-                "INSERT INTO events (task_id, seq, id, type, data, created_at) "
-                "VALUES (:task_id, :seq, :id, :type, CAST(:data AS jsonb), :at) "
-                # The NOTIFY rides on this statement (one round trip fewer per event);
-                # PostgreSQL still delivers it only when the transaction commits.
-                "RETURNING task_id, seq, id, type, data, created_at, "
-                "pg_notify(:channel, :task_id) AS notified"
-            ),
-            {
-                "task_id": task["id"],
-                "seq": task["last_seq"],
-                "id": event_id,
-                "type": event_type,
-                "data": json.dumps(data),
-                "at": task["updated_at"],
-                "channel": NOTIFY_CHANNEL,
-            },
+    sql, params, event_ids = _events_insert([(task, event_type, extra)])
+    row = conn.execute(sa.text(sql), params).mappings().one()
+    _after_event(conn, task, event_type, event_ids[0])
+    return {k: v for k, v in row.items() if k != "notified"}
+
+
+_EVENT_COLUMNS = "task_id, seq, id, type, data, created_at"
+
+
+def _events_insert(
+    events: list[tuple[Mapping[str, Any], EventType, Mapping[str, Any] | None]],
+) -> tuple[str, dict[str, Any], list[str]]:
+    """One ``INSERT INTO events`` of ``(task row, type, extra)`` rows, each at the seq its
+    row carries: the SQL, its parameters (``ev<i>_…``, no clash with a statement it
+    rides along with) and the new events' ids. The ``NOTIFY`` rides on it too (one round
+    trip fewer per event); PostgreSQL still delivers it only when the transaction
+    commits, and evaluates it even when the ``INSERT`` is a ``WITH`` query nobody reads
+    (data-modifying ``WITH`` queries always run to completion)."""
+    values, event_ids = [], []
+    params: dict[str, Any] = {"ev_channel": NOTIFY_CHANNEL}
+    for i, (task, event_type, extra) in enumerate(events):
+        event_id = ids.new_id("evt")
+        event_ids.append(event_id)
+        values.append(
+            f"(:ev{i}_task, :ev{i}_seq, :ev{i}_id, :ev{i}_type, CAST(:ev{i}_data AS jsonb), :ev{i}_at)"
         )
-        .mappings()
-        .one()
+        params.update(
+            {
+                f"ev{i}_task": task["id"],
+                f"ev{i}_seq": task["last_seq"],
+                f"ev{i}_id": event_id,
+                f"ev{i}_type": str(event_type),
+                f"ev{i}_data": json.dumps({**(extra or {}), "task": event_task_json(task)}),
+                f"ev{i}_at": task["updated_at"],
+            }
+        )
+    sql = (
+        f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES {', '.join(values)} "
+        f"RETURNING {_EVENT_COLUMNS}, pg_notify(:ev_channel, task_id) AS notified"
     )
-    event = {k: v for k, v in row.items() if k != "notified"}
+    return sql, params, event_ids
+
+
+def _after_event(
+    conn: Connection, task: Mapping[str, Any], event_type: EventType, event_id: str
+) -> None:
+    """What an event brings about in its transaction: the webhook delivery of an event
+    webhooks carry, the wake-up of a parent waiting for this child, the listeners told
+    once it commits."""
     if event_type in WEBHOOK_EVENT_TYPES and task.get("webhook_url"):
         delivery = deliveries.insert(conn, task, event_id, task["last_seq"], event_type)
         # Sent right after the commit; the beat's webhook sweep covers a lost message.
@@ -153,7 +176,6 @@ def append_event(
         # child is woken in the same transaction (V2.md 6; app.store.children).
         children.on_child_terminal(conn, task["parent_id"])
     db.after_commit(conn, _announce, event_type, task)
-    return event
 
 
 def _update(
@@ -165,12 +187,20 @@ def _update(
     where_sql: str = "",
     params: Mapping[str, Any] | None = None,
     events: int = 1,
+    also_sql: str = "",
 ) -> RowMapping | None:
-    """``UPDATE tasks SET <set_sql>, updated_at, last_seq WHERE id AND status IN allowed``."""
-    sql = (
+    """``UPDATE tasks SET <set_sql>, updated_at, last_seq WHERE id AND status IN allowed``.
+
+    ``also_sql``: a data-modifying statement that reads the updated row from ``task``
+    (``INSERT … SELECT … FROM task``), run only when the guard matched, in the same
+    round trip (a ``WITH`` query)."""
+    update = (
         f"UPDATE tasks SET {set_sql}, updated_at = now(), last_seq = last_seq + {events} "
         "WHERE id = :task_id AND status = ANY(CAST(:allowed AS task_status[])) "
         f"{where_sql} RETURNING {TASK_COLUMNS}"
+    )
+    sql = (
+        f"WITH task AS ({update}), also AS ({also_sql}) SELECT * FROM task" if also_sql else update
     )
     bound = {"task_id": task_id, "allowed": _statuses(allowed), **(params or {})}
     return conn.execute(sa.text(sql), bound).mappings().one_or_none()
@@ -194,9 +224,15 @@ def create(
     agent_version: str = "1",
     parent_id: str | None = None,
     spawn_key: str | None = None,
+    dispatch: bool = False,
+    also: Sequence[str] = (),
+    also_params: Mapping[str, Any] | None = None,
 ) -> RowMapping:
     """Insert a ``pending`` task pinned to ``agent_version`` and its ``task.created``
-    event (seq 1); a child task (V2.md 6) has its parent's id and spawn call's key."""
+    event (seq 1); a child task (V2.md 6) has its parent's id and spawn call's key.
+
+    ``dispatch``: also queue step 0's message (its outbox row), in the round trip that
+    writes the event, with ``also``/``also_params`` (see :func:`outbox.add`)."""
     row = (
         conn.execute(
             sa.text(
@@ -228,7 +264,14 @@ def create(
         .mappings()
         .one()
     )
-    append_event(conn, row, EventType.CREATED)
+    if not dispatch:
+        append_event(conn, row, EventType.CREATED)
+        return row
+    sql, params, (event_id,) = _events_insert([(row, EventType.CREATED, None)])
+    outbox.add_step(
+        conn, row["id"], 0, also=[sql, *also], also_params={**params, **(also_params or {})}
+    )
+    _after_event(conn, row, EventType.CREATED, event_id)
     return row
 
 
@@ -242,6 +285,8 @@ def acquire_lease(
     token: str,
     lease_seconds: float,
     previous_token: str | None = None,
+    *,
+    delete_outbox: Sequence[int] = (),
 ) -> RowMapping | None:
     """Take the lease on step ``step``; ``pending`` becomes ``working`` (``task.started``).
 
@@ -252,26 +297,37 @@ def acquire_lease(
     ``previous_token``: the lease this same message took before a database outage
     interrupted its step (the Celery retry of that message). It is taken over, under the
     new ``token``, as long as the reaper has not cleared it: an outage costs no attempt.
+
+    The row carries ``previous_state``, the previous step's checkpoint (``None`` before
+    step 0; a checkpoint never changes once written, except by a migration under the
+    lease). ``delete_outbox``: outbox rows this process sent (``outbox.sent_rows``),
+    deleted in the same round trip, whether or not the lease is taken.
     """
+    update = (
+        "UPDATE tasks SET status = 'working', lease_token = :token, "
+        "lease_expires_at = now() + make_interval(secs => :lease), "
+        "started_at = COALESCE(started_at, now()), updated_at = now(), "
+        "last_seq = last_seq + CASE WHEN status = 'pending' THEN 1 ELSE 0 END "
+        "WHERE id = :task_id AND step = :step AND status IN ('pending', 'working') "
+        "AND (lease_token IS NULL OR lease_token = :previous) AND wake_at IS NULL "
+        # A parent waiting for its children runs nothing until they wake it.
+        "AND waiting_for IS NULL "
+        f"RETURNING {TASK_COLUMNS}, (started_at = now() AND step = 0) AS just_started, "
+        "(SELECT c.state FROM checkpoints c WHERE c.task_id = tasks.id "
+        "AND c.step_index = tasks.step - 1) AS previous_state"
+    )
+    # psycopg2 sends both as one query string; the result is the UPDATE's.
+    sql = f"{outbox.DELETE_ROWS_SQL}; {update}" if delete_outbox else update
     row = (
         conn.execute(
-            sa.text(
-                "UPDATE tasks SET status = 'working', lease_token = :token, "
-                "lease_expires_at = now() + make_interval(secs => :lease), "
-                "started_at = COALESCE(started_at, now()), updated_at = now(), "
-                "last_seq = last_seq + CASE WHEN status = 'pending' THEN 1 ELSE 0 END "
-                "WHERE id = :task_id AND step = :step AND status IN ('pending', 'working') "
-                "AND (lease_token IS NULL OR lease_token = :previous) AND wake_at IS NULL "
-                # A parent waiting for its children runs nothing until they wake it.
-                "AND waiting_for IS NULL "
-                f"RETURNING {TASK_COLUMNS}, (started_at = now() AND step = 0) AS just_started"
-            ),
+            sa.text(sql),
             {
                 "task_id": task_id,
                 "step": step,
                 "token": token,
                 "lease": lease_seconds,
                 "previous": previous_token,
+                "ids": list(delete_outbox),
             },
         )
         .mappings()
@@ -357,15 +413,21 @@ def commit_step(
     wake_at: datetime | None = None,
     dispatch: bool = True,
     progress: Mapping[str, Any] | None = None,
+    send_next: bool = False,
 ) -> RowMapping | None:
     """Checkpoint step ``step``: the checkpoint row, ``step + 1``, the lease released,
     ``task.step.completed``. Fenced on (task, step, lease token): ``None`` means another
     execution or a cancel got there first and this step's work must be discarded.
 
     ``wake_at`` leaves the next step to the timer sweep; ``dispatch`` marks the next
-    step as queued now (the caller adds the outbox row). ``progress``: the step's last
-    reported progress, not yet stored: stored by the same ``UPDATE``, with its
-    ``task.progress`` event (as :func:`report_progress` writes it) before the step's.
+    step as queued now, and the caller adds the outbox row, unless ``send_next`` has it
+    added here. ``progress``: the step's last reported progress, not yet stored: stored
+    by the same ``UPDATE``, with its ``task.progress`` event (as :func:`report_progress`
+    writes it) before the step's.
+
+    Two round trips, one with ``send_next``: the ``UPDATE`` with the checkpoint's
+    ``INSERT`` as its ``WITH`` query; the events (both in one ``INSERT``), as a ``WITH``
+    query of the outbox row's ``INSERT`` when there is one.
     """
     row = _update(
         conn,
@@ -381,29 +443,31 @@ def commit_step(
             "wake_at": wake_at,
             "dispatch": dispatch,
             "progress": json.dumps(progress),
-        },
-        events=1 if progress is None else 2,
-    )
-    if row is None:
-        return None
-    if progress is not None:  # the task as report_progress would have left it
-        append_event(
-            conn, {**row, "step": step, "last_seq": row["last_seq"] - 1}, EventType.PROGRESS
-        )
-    conn.execute(
-        sa.text(
-            "INSERT INTO checkpoints (task_id, step_index, state, attempt, started_at) "
-            "VALUES (:task_id, :step, CAST(:state AS jsonb), :attempt, :started_at)"
-        ),
-        {
-            "task_id": task_id,
-            "step": step,
             "state": json.dumps(state),
             "attempt": attempt,
             "started_at": started_at,
         },
+        events=1 if progress is None else 2,
+        also_sql=(
+            "INSERT INTO checkpoints (task_id, step_index, state, attempt, started_at) "
+            "SELECT id, :step, CAST(:state AS jsonb), :attempt, :started_at FROM task"
+        ),
     )
-    append_event(conn, row, EventType.STEP_COMPLETED)
+    if row is None:
+        return None
+    events: list[tuple[Mapping[str, Any], EventType, Mapping[str, Any] | None]] = []
+    if progress is not None:  # the task as report_progress would have left it
+        events.append(
+            ({**row, "step": step, "last_seq": row["last_seq"] - 1}, EventType.PROGRESS, None)
+        )
+    events.append((row, EventType.STEP_COMPLETED, None))
+    sql, params, event_ids = _events_insert(events)
+    if send_next:
+        outbox.add_step(conn, task_id, step + 1, also=[sql], also_params=params)
+    else:
+        conn.execute(sa.text(sql), params)
+    for (task, event_type, _extra), event_id in zip(events, event_ids, strict=True):
+        _after_event(conn, task, event_type, event_id)
     return row
 
 

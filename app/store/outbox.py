@@ -65,14 +65,15 @@ def add(
     *,
     queue: str,
     task_id: str | None = None,
-    also: str | None = None,
+    also: Sequence[str] = (),
     also_params: Mapping[str, Any] | None = None,
 ) -> int:
     """Queue a Celery message to be published once this transaction commits (``conn``
     must come from :func:`app.store.db.transaction`).
 
-    ``also``: a data-modifying statement (with ``also_params``; ``:task_id`` is this
-    row's) run in the same round trip, as a ``WITH`` query of the ``INSERT``."""
+    ``also``: data-modifying statements (with ``also_params``; ``:task_id`` is this
+    row's) run in the same round trip, as ``WITH`` queries of the ``INSERT`` (each runs
+    exactly once, to completion, though nothing reads it)."""
     tx = db.state(conn)
     args = list(args)
     outbox_id, agent, version = conn.execute(
@@ -102,8 +103,11 @@ _INSERT = (
 _insert_plain = sa.text(_INSERT)
 
 
-def _insert(also: str | None) -> sa.TextClause:
-    return _insert_plain if also is None else sa.text(f"WITH also AS ({also}) {_INSERT}")
+def _insert(also: Sequence[str]) -> sa.TextClause:
+    if not also:
+        return _insert_plain
+    queries = ", ".join(f"also{i} AS ({statement})" for i, statement in enumerate(also))
+    return sa.text(f"WITH {queries} {_INSERT}")
 
 
 def add_step(
@@ -111,7 +115,7 @@ def add_step(
     task_id: str,
     step: int,
     *,
-    also: str | None = None,
+    also: Sequence[str] = (),
     also_params: Mapping[str, Any] | None = None,
 ) -> int:
     """Queue the message that runs step ``step`` of ``task_id`` (``also``: see :func:`add`)."""

@@ -29,7 +29,7 @@ from sqlalchemy.engine import RowMapping
 
 from app import settings as settings_mod
 from app.errors import IdempotencyKeyInFlight, IdempotencyKeyReused, InvalidIdempotencyKey
-from app.store import budgets, db, db_errors, lifecycle, outbox
+from app.store import budgets, db, db_errors, lifecycle
 
 MAX_KEY_LENGTH = 255
 # How long a request waits for a concurrent one with the same key to commit.
@@ -152,14 +152,10 @@ def submit(
                 agent_version=task.get("agent_version", "1"),
                 parent_id=parent_id,
                 spawn_key=spawn_key,
-            )
-            # The key names its task in the outbox row's statement (one round trip).
-            named = idempotency_key is not None
-            outbox.add_step(
-                conn,
-                row["id"],
-                0,
-                also=_KEY_NAMES_TASK if named else None,
+                # Step 0's outbox row, the task.created event and the key naming its
+                # task: one round trip.
+                dispatch=True,
+                also=[_KEY_NAMES_TASK] if idempotency_key is not None else [],
                 also_params={"idem_tenant": tenant_id, "idem_key": idempotency_key},
             )
     except sa_exc.OperationalError as exc:
