@@ -8,8 +8,9 @@ times: the step runner's fencing makes a duplicate harmless.
 
 The rows of sent messages are not deleted in a transaction of their own on the hot
 path: their ids wait in this process's :data:`sent_rows`, and are deleted in bulk by the
-next transaction of this process that offers to carry them (the step runner's lease,
-:func:`delete_rows`) or by a background thread within :data:`SENT_DELETE_SECONDS`, well
+next transaction of this process that offers to carry them (the step runner's lease:
+``DELETE_ROWS_SQL`` in the lease's query string, :func:`app.store.lifecycle.acquire_lease`)
+or by a background thread within :data:`SENT_DELETE_SECONDS`, well
 inside the relay's grace period. A process that dies with ids still waiting leaves rows
 that the relay sends again: a duplicate, fenced like any other.
 
@@ -189,7 +190,7 @@ class SentRows:
 
     Deleting each publish's rows in a transaction of its own cost a commit per step and
     per submission. Here they are deleted by a transaction this process runs anyway
-    (:func:`delete_rows`), or in bulk by one thread after :data:`SENT_DELETE_SECONDS`.
+    (a step's lease, with :meth:`take` and :meth:`put_back`), or in bulk by one thread after :data:`SENT_DELETE_SECONDS`.
     """
 
     def __init__(self) -> None:
@@ -274,13 +275,6 @@ class SentRows:
 
 sent_rows = SentRows()
 atexit.register(sent_rows.flush)
-
-
-def delete_rows(conn: Connection, ids: list[int]) -> None:
-    """Delete, in ``conn``'s transaction, the rows ``ids`` that ``sent_rows.take()``
-    gave (``DELETE_ROWS_SQL`` with ``:ids``, to send it with another statement); the
-    caller gives them back with ``sent_rows.put_back`` if the transaction fails."""
-    conn.execute(_DELETE_ROWS, {"ids": ids})
 
 
 def relay_due(limit: int = 500) -> int:
