@@ -74,3 +74,28 @@ def test_minimal_bench_run_measures_outlast_beside_its_baselines(tmp_path):
     assert len(results["latency"]["outlast"]) == len(results["latency"]["raw_celery"]) > 0
     report = (tmp_path / "report.md").read_text()
     assert "### Submission" in report and "### One-step end-to-end latency" in report
+
+
+def test_step_floor_measures_each_piece_and_both_index_sets(database_url):
+    """``python -m bench.step_floor`` (docs/benchmarks.md, issue 18's second round) still
+    runs against a real server and prints a figure for every row it documents."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DATABASE_URL": database_url}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.step_floor", "--n", "30", "--tasks", "3", "--steps", "4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [
+        line for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line
+    ]
+    figures = [row for row in rows if row.split("|")[2].strip().replace(".", "").isdigit()]
+    assert len(figures) == 6 + 2, done.stdout  # six pieces, the two index sets
+    assert "| as migrated |" in done.stdout and "fillfactor 50 |" in done.stdout
