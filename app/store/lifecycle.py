@@ -19,7 +19,6 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
 from app.store import budgets, children, db, deliveries, ids, outbox
@@ -119,7 +118,7 @@ def append_event(
     webhooks carry and the task has a ``webhook_url``.
     """
     sql, params, event_ids = _events_insert([(task, event_type, extra)])
-    row = conn.execute(sa.text(sql), params).mappings().one()
+    row = conn.execute(db.text(sql), params).mappings().one()
     _after_event(conn, task, event_type, event_ids[0])
     return {k: v for k, v in row.items() if k != "notified"}
 
@@ -203,7 +202,7 @@ def _update(
         f"WITH task AS ({update}), also AS ({also_sql}) SELECT * FROM task" if also_sql else update
     )
     bound = {"task_id": task_id, "allowed": _statuses(allowed), **(params or {})}
-    return conn.execute(sa.text(sql), bound).mappings().one_or_none()
+    return conn.execute(db.text(sql), bound).mappings().one_or_none()
 
 
 # --- creation --------------------------------------------------------------------------
@@ -235,7 +234,7 @@ def create(
     writes the event, with ``also``/``also_params`` (see :func:`outbox.add`)."""
     row = (
         conn.execute(
-            sa.text(
+            db.text(
                 "INSERT INTO tasks (id, tenant_id, agent, agent_version, status, input, "
                 "metadata, webhook_url, timeout_seconds, deadline_at, idempotency_key, "
                 "last_seq, dispatched_at, budget, parent_id, spawn_key) "
@@ -320,7 +319,7 @@ def acquire_lease(
     sql = f"{outbox.DELETE_ROWS_SQL}; {update}" if delete_outbox else update
     row = (
         conn.execute(
-            sa.text(sql),
+            db.text(sql),
             {
                 "task_id": task_id,
                 "step": step,
@@ -386,7 +385,7 @@ def migrate_version(
         return None
     if step > 0:
         conn.execute(
-            sa.text(
+            db.text(
                 "UPDATE checkpoints SET state = CAST(:state AS jsonb) "
                 "WHERE task_id = :task_id AND step_index = :step"
             ),
@@ -465,7 +464,7 @@ def commit_step(
     if send_next:
         outbox.add_step(conn, task_id, step + 1, also=[sql], also_params=params)
     else:
-        conn.execute(sa.text(sql), params)
+        conn.execute(db.text(sql), params)
     for (task, event_type, _extra), event_id in zip(events, event_ids, strict=True):
         _after_event(conn, task, event_type, event_id)
     return row
@@ -714,7 +713,7 @@ def wake(conn: Connection, task_id: str) -> RowMapping | None:
     adds the outbox row). Guarded so a second beat waking the same task is a no-op."""
     return (
         conn.execute(
-            sa.text(
+            db.text(
                 "UPDATE tasks SET wake_at = NULL, dispatched_at = now(), updated_at = now() "
                 "WHERE id = :task_id AND status IN ('pending', 'working', 'compensating') "
                 f"AND wake_at IS NOT NULL AND wake_at <= now() RETURNING {TASK_COLUMNS}"
@@ -889,7 +888,7 @@ def get(conn: Connection, task_id: str, tenant_id: str | None = None) -> RowMapp
     if tenant_id is not None:
         sql += " AND tenant_id = :tenant_id"
     return (
-        conn.execute(sa.text(sql), {"task_id": task_id, "tenant_id": tenant_id})
+        conn.execute(db.text(sql), {"task_id": task_id, "tenant_id": tenant_id})
         .mappings()
         .one_or_none()
     )

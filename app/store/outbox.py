@@ -108,7 +108,7 @@ def _insert(also: Sequence[str]) -> sa.TextClause:
     if not also:
         return _insert_plain
     queries = ", ".join(f"also{i} AS ({statement})" for i, statement in enumerate(also))
-    return sa.text(f"WITH {queries} {_INSERT}")
+    return db.text(f"WITH {queries} {_INSERT}")
 
 
 def add_step(
