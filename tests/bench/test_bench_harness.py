@@ -99,3 +99,28 @@ def test_step_floor_measures_each_piece_and_both_index_sets(database_url):
     figures = [row for row in rows if row.split("|")[2].strip().replace(".", "").isdigit()]
     assert len(figures) == 6 + 2, done.stdout  # six pieces, the two index sets
     assert "| as migrated |" in done.stdout and "fillfactor 50 |" in done.stdout
+
+
+def test_step_profile_runs_each_step_to_its_next_and_reports_its_cost(database_url, redis_url):
+    """``python -m bench.step_profile`` (docs/benchmarks.md) still drives run_step through
+    whole steps in one process: every step continues to the next, and it prints the cost."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.step_profile", "--tasks", "2", "--steps", "3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(
+        r"^6 steps \{'continued': 6\}: CPU [\d.]+ ms/step, wall [\d.]+ ms/step$",
+        done.stdout,
+        re.MULTILINE,
+    ), done.stdout
