@@ -677,7 +677,8 @@ def _run_stack(
         out.log(f"{stopped} received; stopping")
     except Exception as exc:
         if stop.signum is not None:  # a step that the signal reached too (Ctrl-C: initdb)
-            out.log(f"{signal.Signals(stop.signum).name} received; stopping")
+            name = signal.Signals(stop.signum).name
+            out.log(f"{name} received; stopping (the step it interrupted ended with {exc!r})")
         else:  # a start-up step failed: say which, then stop what started
             out.log(f"outlast up could not start: {exc!r}", logging.ERROR)
             status = 1
