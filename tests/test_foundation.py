@@ -121,6 +121,35 @@ def test_release_twice_is_harmless(empty_database, stack):
     } <= tables
 
 
+def test_pending_deliveries_are_indexed_by_tenant_and_the_migration_downgrades(empty_database):
+    """Migration 0006: the per-tenant count of webhook sends in flight reads an index of
+    that tenant's pending deliveries (not every tenant's); down and up again cleanly."""
+    from alembic import command
+
+    def indexdef() -> str | None:
+        eng = sa.create_engine(empty_database, poolclass=sa.pool.NullPool)
+        with eng.connect() as conn:
+            found = conn.execute(
+                sa.text(
+                    "SELECT indexdef FROM pg_indexes "
+                    "WHERE indexname = 'webhook_deliveries_tenant_pending'"
+                )
+            ).scalar()
+        eng.dispose()
+        return found
+
+    db.upgrade(empty_database)
+    assert indexdef() == (
+        "CREATE INDEX webhook_deliveries_tenant_pending ON public.webhook_deliveries "
+        "USING btree (tenant_id, next_attempt_at) WHERE (status = 'pending'::delivery_status)"
+    )
+    command.downgrade(db.alembic_config(empty_database), "0005")
+    assert indexdef() is None
+    assert db.current_revision(empty_database) == "0005"
+    db.upgrade(empty_database)
+    assert indexdef() is not None and db.current_revision(empty_database) == _head_revision()
+
+
 def test_release_without_database_url_says_what_to_do(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     out = subprocess.run(
