@@ -259,6 +259,24 @@ class OutlastStack:
             timings.append(time.perf_counter() - t0)
         return timings
 
+    def prefer_wait_latencies(self, samples: int) -> list[float]:
+        """``POST /v1/tasks`` of a one-step echo task with ``Prefer: wait=10`` (V2.md 3):
+        the answer is the completed task itself. Seconds each."""
+        timings = []
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            answer = self.session.post(
+                self.base_url + "/v1/tasks",
+                json={"agent": "echo", "input": {"message": "ping", "steps": 1}},
+                headers={"Idempotency-Key": uuid.uuid4().hex, "Prefer": "wait=10"},
+                timeout=30,
+            )
+            elapsed = time.perf_counter() - t0
+            if answer.status_code != 200 or answer.json()["status"] != "completed":
+                raise RuntimeError(f"Prefer: wait answered {answer.status_code}: {answer.text}")
+            timings.append(elapsed)
+        return timings
+
     def task_row(self, task_id: str):
         with self.engine.connect() as conn:
             return conn.execute(

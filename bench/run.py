@@ -294,12 +294,15 @@ class Run:
         self.celery.round_trips(3)
         for name, stack in self.stacks.items():
             samples[name] = []
+            samples[f"{name}_prefer_wait"] = []
             stack.one_step_latencies(3)
+            stack.prefer_wait_latencies(3)
         log(f"latency: {s.latency_samples} samples each, interleaved")
         for _ in range(s.latency_samples):
             samples["raw_celery"] += self.celery.round_trips(1)
             for name, stack in self.stacks.items():
                 samples[name] += stack.one_step_latencies(1)
+                samples[f"{name}_prefer_wait"] += stack.prefer_wait_latencies(1)
         self.celery.stop_worker()
         self.results["latency"] = samples
 

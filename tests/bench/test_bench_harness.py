@@ -72,6 +72,8 @@ def test_minimal_bench_run_measures_outlast_beside_its_baselines(tmp_path):
         assert runs[0]["requests"] > 0
         assert set(runs[0]["statuses"]) == {"202"}
     assert len(results["latency"]["outlast"]) == len(results["latency"]["raw_celery"]) > 0
+    # the synchronous answer (Prefer: wait) beside the long poll, as many samples
+    assert len(results["latency"]["outlast_prefer_wait"]) == len(results["latency"]["outlast"])
     report = (tmp_path / "report.md").read_text()
     assert "### Submission" in report and "### One-step end-to-end latency" in report
 
