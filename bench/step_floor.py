@@ -106,6 +106,21 @@ class Scratch:
             c.execute(sa.text(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)"))
         self.admin.dispose()
 
+    def serve_outlast(self, tenant_id: str, **env: str) -> None:
+        """Point this process's Outlast at the database (``env``: more settings), migrate
+        it, and create tenant ``tenant_id``."""
+        from app import settings
+        from app.store import db
+
+        settings.configure(
+            settings.Settings.from_env({**os.environ, **env, "DATABASE_URL": self.url})
+        )
+        db.upgrade(self.url)
+        with db.transaction() as conn:
+            conn.execute(
+                sa.text("INSERT INTO tenants (id, name) VALUES (:t, :t)"), {"t": tenant_id}
+            )
+
     def backends(self) -> list[int]:
         with self.admin.connect() as c:
             rows = c.execute(
@@ -174,15 +189,32 @@ def pieces(base_url: str, n: int) -> None:
         conn.close()
 
 
+def echo_tasks(tenant_id: str, count: int, agent_input: dict) -> list[str]:
+    """``count`` pending echo tasks of ``tenant_id``, written as a submission writes them
+    (``lifecycle.create``), with no step message sent: the caller runs their steps."""
+    from app.store import db, lifecycle
+
+    with db.transaction() as conn:
+        return [
+            lifecycle.create(
+                conn,
+                tenant_id=tenant_id,
+                agent="echo",
+                input=agent_input,
+                metadata={},
+                webhook_url=None,
+                timeout_seconds=None,
+                idempotency_key=None,
+            )["id"]
+            for _ in range(count)
+        ]
+
+
 def indexes(base_url: str, tasks: int, steps: int) -> None:
     with Scratch(base_url, "outlast_floor_indexes") as scratch:
-        from app import settings
         from app.store import db, ids, lifecycle
 
-        settings.configure(settings.Settings.from_env({**os.environ, "DATABASE_URL": scratch.url}))
-        db.upgrade(scratch.url)
-        with db.transaction() as conn:
-            conn.execute(sa.text("INSERT INTO tenants (id, name) VALUES ('floor', 'floor')"))
+        scratch.serve_outlast("floor")
         print(f"\n## indexes ({tasks} tasks x {steps} steps: lease + checkpoint with progress)\n")
         print(
             "| tasks table | backend CPU ms/step | wall ms/step | HOT updates |\n|---|---:|---:|---:|"
@@ -198,20 +230,7 @@ def indexes(base_url: str, tasks: int, steps: int) -> None:
                 ).one()
 
         def run(label: str, n_tasks: int, n_steps: int) -> None:
-            with db.transaction() as conn:
-                task_ids = [
-                    lifecycle.create(
-                        conn,
-                        tenant_id="floor",
-                        agent="echo",
-                        input={"message": "x" * 100},
-                        metadata={},
-                        webhook_url=None,
-                        timeout_seconds=None,
-                        idempotency_key=None,
-                    )["id"]
-                    for _ in range(n_tasks)
-                ]
+            task_ids = echo_tasks("floor", n_tasks, {"message": "x" * 100})
             updates0, hot0 = hot_counts()
             cpu0, t0 = backend_cpu(scratch.backends()), time.perf_counter()
             for step in range(n_steps):

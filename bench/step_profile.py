@@ -24,10 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import sqlalchemy as sa
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.step_floor import Scratch, echo_tasks  # noqa: E402  (the scratch database, its tasks)
 
 DATABASE = "outlast_step_profile"
 
@@ -35,27 +35,12 @@ DATABASE = "outlast_step_profile"
 def measure(tasks: int, steps: int, profile_top: int) -> None:
     import workers.make_celery  # noqa: F401  (the Celery app that run_step publishes with)
     from app.engine import runner
-    from app.store import db, lifecycle
+    from app.store import db
 
     logging.disable(logging.INFO)
-    with db.transaction() as conn:
-        conn.execute(sa.text("INSERT INTO tenants (id, name) VALUES ('profile', 'profile')"))
 
     def create(count: int) -> list[str]:
-        with db.transaction() as conn:
-            return [
-                lifecycle.create(
-                    conn,
-                    tenant_id="profile",
-                    agent="echo",
-                    input={"message": "profile", "steps": steps + 10},
-                    metadata={},
-                    webhook_url=None,
-                    timeout_seconds=None,
-                    idempotency_key=None,
-                )["id"]
-                for _ in range(count)
-            ]
+        return echo_tasks("profile", count, {"message": "profile", "steps": steps + 10})
 
     warm = create(5)  # connections, caches, the agent's first import
     for step in range(5):
@@ -100,27 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         if not redis_url:
             servers.append(EmbeddedRedis(folder / "redis"))
             redis_url = servers[-1].start()
-    admin = sa.create_engine(base_url, isolation_level="AUTOCOMMIT")
-    url = sa.make_url(base_url).set(database=DATABASE).render_as_string(hide_password=False)
     redis_db = redis_url.rsplit("/", 1)[0] + "/15"
     try:
-        with admin.connect() as c:
-            c.execute(sa.text(f"DROP DATABASE IF EXISTS {DATABASE}"))
-            c.execute(sa.text(f"CREATE DATABASE {DATABASE}"))
-        os.environ.update({"DATABASE_URL": url, "REDIS_URL": redis_db})
-        from app import settings
-        from app.store import db
-
-        settings.configure(settings.Settings.from_env(dict(os.environ)))
-        db.upgrade(url)
-        measure(args.tasks, args.steps, args.profile)
+        with Scratch(base_url, DATABASE) as scratch:
+            scratch.serve_outlast("profile", REDIS_URL=redis_db)
+            measure(args.tasks, args.steps, args.profile)
     finally:
         import redis
 
         redis.Redis.from_url(redis_db).flushdb()
-        with admin.connect() as c:
-            c.execute(sa.text(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"))
-        admin.dispose()
         for server in reversed(servers):
             server.stop()
     return 0
