@@ -190,7 +190,8 @@ class SentRows:
 
     Deleting each publish's rows in a transaction of its own cost a commit per step and
     per submission. Here they are deleted by a transaction this process runs anyway
-    (a step's lease, with :meth:`take` and :meth:`put_back`), or in bulk by one thread after :data:`SENT_DELETE_SECONDS`.
+    (a step's lease, with :meth:`take` and :meth:`put_back`), or in bulk by one thread
+    after :data:`SENT_DELETE_SECONDS`.
     """
 
     def __init__(self) -> None:
