@@ -24,6 +24,7 @@ import sqlalchemy as sa
 
 from app import settings as settings_mod
 from app.dev.embedded import EmbeddedPostgres, EmbeddedRedis
+from app.ops import metrics
 from app.settings import Settings, database_url_for_sqlalchemy
 from app.store import db, tenants
 from tests.harness import Stack
@@ -113,6 +114,16 @@ class FreshStack:
     tenants: dict[str, tenants.CreatedTenant]  # by the name given, each made unique
 
 
+def flush_redis(url: str) -> None:
+    """Empty the session's Redis for a test. Metrics an earlier test recorded in this
+    process are sent first (they wait up to 50 ms in memory), so they cannot land after
+    the flush and count in this test's figures."""
+    metrics.flush()
+    client = redis_lib.Redis.from_url(url)
+    client.flushall()
+    client.close()
+
+
 @contextmanager
 def fresh_stack(
     servers: Servers, log_dir: Path, tenant_names: Sequence[str], **extra_env: str
@@ -124,9 +135,7 @@ def fresh_stack(
     settings come back and the database is dropped. For module-scoped stacks: a stack
     per test costs seconds each."""
     name, database_url = servers.fresh_database()
-    client = redis_lib.Redis.from_url(servers.redis_url)
-    client.flushall()
-    client.close()
+    flush_redis(servers.redis_url)
     env = {"DATABASE_URL": database_url, "REDIS_URL": servers.redis_url, **TEST_ENV, **extra_env}
     previous = settings_mod._current
     settings_mod.configure(Settings.from_env(env))
@@ -161,9 +170,7 @@ def database_url(servers: Servers) -> Iterator[str]:
 @pytest.fixture
 def redis_url(servers: Servers) -> str:
     """The session's Redis, flushed for this test."""
-    client = redis_lib.Redis.from_url(servers.redis_url)
-    client.flushall()
-    client.close()
+    flush_redis(servers.redis_url)
     return servers.redis_url
 
 

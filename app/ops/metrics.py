@@ -185,6 +185,7 @@ class _Pending:
     def _reset(self) -> None:
         self._pid = os.getpid()
         self._cond = threading.Condition()
+        self._sending = threading.Lock()  # one send at a time: see flush()
         self._sums: dict[tuple[str, str], int | float] = {}
         self._redis_url: str | None = None  # where they go
         self._thread: threading.Thread | None = None
@@ -212,9 +213,18 @@ class _Pending:
 
     def flush(self) -> None:
         """Send what is pending (never raises; a failed send is dropped with a log line,
-        like a failed recording always was)."""
+        like a failed recording always was).
+
+        Sends are serialised: when this returns, everything recorded before the call is
+        in Redis, including sums the background thread had taken and not yet sent. A
+        scrape relies on that to read its own recordings.
+        """
         if self._pid != os.getpid():
             self._reset()
+        with self._sending:
+            self._send()
+
+    def _send(self) -> None:
         url = _redis_url()
         with self._cond:
             sums, self._sums = self._sums, {}

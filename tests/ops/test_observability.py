@@ -80,13 +80,23 @@ def test_flower_requires_one_of_its_basic_auth_users(flower):
 
 def test_worker_metrics_reach_the_web_scrape(ops_stack, finished_echo):
     before = finished_echo["metrics_before"]
-    after = requests.get(ops_stack.base_url + "/metrics", timeout=10).text
+    steps = "outlast_step_duration_seconds_count"
 
     def delta(name: str, **labels: str) -> float:
         return (sample(after, name, **labels) or 0) - (sample(before, name, **labels) or 0)
 
+    # A step's duration is recorded once its checkpoint commits, after the task reads
+    # completed, and a process sends its recordings within 50 ms (metrics.FLUSH_SECONDS):
+    # the last step shows up in a scrape shortly after the task is done, not at once.
+    def scraped_with_last_step() -> str | None:
+        nonlocal after
+        after = requests.get(ops_stack.base_url + "/metrics", timeout=10).text
+        return after if delta(steps, agent="echo", outcome="completed") else None
+
+    after = ""
+    wait_until(scraped_with_last_step, 2, interval=0.02, what="the last step in /metrics")
+
     # Recorded by the worker subprocess (steps, completion) and the web one (submission).
-    steps = "outlast_step_duration_seconds_count"
     assert delta(steps, agent="echo", outcome="continued") == 1
     assert delta(steps, agent="echo", outcome="completed") == 1
     assert delta("outlast_tasks_submitted_total", agent="echo") == 1
