@@ -4,8 +4,9 @@
 process, for 20 echo tasks x 30 steps (after a warm-up), as a pool process would: the
 lease, the agent, the checkpoint, the next step's publish (to a Redis nobody consumes).
 It prints this process's CPU time and wall time per step; ``--profile N`` also prints
-cProfile's N most expensive functions by their own CPU time (the profiler roughly
-triples the step's cost, so compare shares, not times). It uses ``DATABASE_URL`` and
+cProfile's N most expensive functions by their own CPU time (``--sort cumulative``: by
+the CPU time in them and in what they call). The profiler roughly triples the step's
+cost, so compare shares, not times. It uses ``DATABASE_URL`` and
 ``REDIS_URL`` when set (a database it creates and drops, Redis database 15, flushed),
 else embedded servers in a temporary folder.
 
@@ -32,10 +33,10 @@ from bench.step_floor import Scratch, echo_tasks  # noqa: E402  (the scratch dat
 DATABASE = "outlast_step_profile"
 
 
-def measure(tasks: int, steps: int, profile_top: int) -> None:
+def measure(tasks: int, steps: int, profile_top: int, sort: str = "tottime") -> None:
     import workers.make_celery  # noqa: F401  (the Celery app that run_step publishes with)
     from app.engine import runner
-    from app.store import db
+    from app.store import db, outbox
 
     logging.disable(logging.INFO)
 
@@ -63,7 +64,8 @@ def measure(tasks: int, steps: int, profile_top: int) -> None:
     wall = (time.perf_counter() - wall0) / count * 1000
     print(f"{count} steps {outcomes}: CPU {cpu:.2f} ms/step, wall {wall:.2f} ms/step")
     if profiler:
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(profile_top)
+        pstats.Stats(profiler).sort_stats(sort).print_stats(profile_top)
+    outbox.sent_rows.flush()  # now, while the database is still there (not at exit)
     db.dispose()
 
 
@@ -72,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=20)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--profile", type=int, default=0, metavar="N")
+    parser.add_argument(
+        "--sort", default="tottime", help="the profile's order: tottime or cumulative"
+    )
     args = parser.parse_args(argv)
     servers = []
     base_url, redis_url = os.environ.get("DATABASE_URL"), os.environ.get("REDIS_URL")
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Scratch(base_url, DATABASE) as scratch:
             scratch.serve_outlast("profile", REDIS_URL=redis_db)
-            measure(args.tasks, args.steps, args.profile)
+            measure(args.tasks, args.steps, args.profile, args.sort)
     finally:
         import redis
 
