@@ -139,6 +139,9 @@ class StatusWatcher:
         )
         self._base_url = base_url
         self._api_key = api_key
+        # The first read before start() returns: a test shorter than the thread's first
+        # poll (on a slow machine) would otherwise end with none, its database dropped.
+        self._poll_database()
         self._thread = threading.Thread(target=self._run, name="status-watcher", daemon=True)
         self._thread.start()
         return self
